@@ -19,7 +19,7 @@ install: $(STAMP) protos
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "torch==2.13.0" "triton==3.8.0" numpy
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[test,triton]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test,triton]" --config-settings editable_mode=compat
 	touch $(STAMP)
 
 protos: protos/pdserve_pb2.py

@@ -1,0 +1,108 @@
+"""ModelRunner: owns the model weights and the KV cache tensors on the device, turns a
+ScheduledBatch into flat model inputs and returns the logits of the rows to sample."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.config import ModelConfig
+from engine.kv_layout import DTYPES, KVLayout
+from engine.model import AttentionMetadata, LlamaModel, rope_cos_sin_cache
+from engine.scheduler import ScheduledBatch
+
+
+@dataclass(slots=True)
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    attn: AttentionMetadata
+    sample_rows: torch.Tensor  # index in the flat batch of each token whose logits we need
+    sample_seq_idx: list[int]  # which batch entry each sampled row belongs to
+
+
+class ModelRunner:
+    def __init__(self, cfg: ModelConfig, model_dir: Path, device: str, dtype: str,
+                 block_size: int, max_model_len: int, num_blocks: int | None,
+                 kv_cache_memory_bytes: int | None, gpu_memory_utilization: float) -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dtype = DTYPES[dtype]
+        self.block_size = block_size
+        with torch.device("meta"):  # no memory until the checkpoint's tensors arrive
+            model = LlamaModel(cfg, max_model_len)
+        model = model.to_empty(device=self.device).to(self.dtype)
+        model.load_weights(model_dir)
+        self.model = model
+        # RoPE tables stay float32, computed as HF computes them (after the dtype cast).
+        self.model.cos_sin = rope_cos_sin_cache(cfg.rope, cfg.head_dim, max_model_len).to(
+            self.device)
+        self.layout = KVLayout(
+            model_id=cfg.model_id, dtype=dtype, block_size=block_size,
+            num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
+        self.num_blocks = num_blocks or self._blocks_that_fit(kv_cache_memory_bytes,
+                                                              gpu_memory_utilization)
+        shape = self.layout.layer_shape(self.num_blocks)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                          for _ in range(cfg.num_layers)]
+
+    def _blocks_that_fit(self, budget: int | None, utilization: float) -> int:
+        per_block = self.layout.block_bytes_per_layer * self.cfg.num_layers
+        if budget is None:
+            if self.device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(self.device)
+                budget = int(free - (1 - utilization) * total)
+            else:
+                budget = 256 << 20  # CPU default: 256 MiB of KV
+        return max(budget // per_block, 1)
+
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        ctx: list[int] = []
+        cu = [0]
+        rows: list[int] = []
+        row_seq: list[int] = []
+        for j, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start = seq.num_computed_tokens
+            ids.extend(seq.token_ids[start:start + n])
+            for p in range(start, start + n):
+                pos.append(p)
+                slots.append(seq.block_ids[p // bs] * bs + p % bs)
+            ctx.append(start + n)
+            cu.append(cu[-1] + n)
+            if start + n == seq.num_tokens:  # all known tokens computed: sample the next
+                rows.append(cu[-1] - 1)
+                row_seq.append(j)
+        width = max(len(s.block_ids) for s in batch.seqs)
+        tables = [s.block_ids + [0] * (width - len(s.block_ids)) for s in batch.seqs]
+
+        def t(x: list, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+            return torch.tensor(x, dtype=dtype, device=self.device)
+
+        attn = AttentionMetadata(
+            slot_mapping=t(slots, torch.int64), block_tables=t(tables), context_lens=t(ctx),
+            cu_seqlens_q=t(cu), is_decode=all(n == 1 for n in batch.num_new_tokens))
+        return StepInputs(t(ids, torch.int64), t(pos, torch.int64), attn,
+                          t(rows, torch.int64), row_seq)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch,
+                layer_hook: Callable[[int], None] | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Runs one step; returns (logits [rows, vocab] float32, batch index of each row)."""
+        for src, dst in batch.block_copies:
+            self.copy_block(src, dst)
+        inputs = self.prepare(batch)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches,
+                            layer_hook)
+        logits = self.model.logits(hidden.index_select(0, inputs.sample_rows))
+        return logits, inputs.sample_seq_idx
+
+    def copy_block(self, src: int, dst: int) -> None:
+        for cache in self.kv_caches:
+            cache[:, dst].copy_(cache[:, src])

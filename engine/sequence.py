@@ -1,0 +1,73 @@
+"""Sequence: the state of one generated sequence (one of a request's n).
+
+A request with n > 1 has n sequences sharing the prompt's KV blocks (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = "waiting"            # queued for (re)computation of its known tokens
+    RUNNING = "running"            # has blocks, computing prefill chunks or decoding
+    AWAITING_KV = "awaiting_kv"    # blocks reserved; a prefill pod is filling them
+    FINISHED = "finished"
+
+
+class FinishReason(Enum):
+    STOP = "stop"        # eos or a stop token id
+    LENGTH = "length"    # max_tokens or the context limit
+    ABORT = "abort"      # cancelled, disconnected or failed
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """Log-probability of one chosen token and its top alternatives (raw model logits)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Sequence:
+    seq_id: int
+    request_id: str
+    index: int  # 0..n-1 within its request
+    params: SamplingParams
+    seed: int  # every token's randomness derives from (seed, index, output position)
+    token_ids: list[int]  # prompt then output
+    num_prompt_tokens: int
+    max_tokens: int  # params.max_tokens resolved against the context limit
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # chained, one per full block
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    prefill_only: bool = False  # a prefill pod's request: stop after the first token(s)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
