@@ -1,0 +1,277 @@
+"""Receiver-side bookkeeping shared by every backend: which transfers are expected, which
+layers have landed, and what happens to a frame (scatter, reject, buffer or drop).
+
+Backends read frames off their transport and hand them to ``TransferTable.deliver`` with a
+``reply`` callback that carries the outcome (ack or error) back to the sender. One lock
+guards the table, and scatters happen under it: once ``cancel`` (or a timed-out ``wait``)
+returns, nothing more is written into that transfer's blocks, so the caller may free them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+import threading
+
+import torch
+
+from engine.errors import KVTransferError, LayoutMismatchError
+from engine.kv_layout import KVLayout
+from kv_transfer.connector import PendingTransfer, TransferStats, now
+from kv_transfer.wire import FrameHeader, Status, error_for_status, scatter_layer
+
+log = logging.getLogger(__name__)
+
+# (transfer_id, status, message): Status.OK acknowledges the whole transfer.
+Reply = Callable[[str, Status, str], None]
+
+
+@dataclass(slots=True)
+class _Active:
+    pending: PendingTransfer
+    kv_caches: list[torch.Tensor]
+    index: torch.Tensor  # block ids as a long tensor on the caches' device
+    layout: KVLayout
+    layer_bytes: int
+    started: float
+    received: bytearray
+    count: int = 0
+    bytes: int = 0
+    source: object | None = None  # the connection the frames came on
+    reply: Reply | None = None
+
+
+@dataclass(slots=True)
+class _Early:
+    """Frames that arrived before expect(): kept (copied) for a grace period."""
+
+    deadline: float
+    source: object | None
+    reply: Reply | None
+    frames: list[tuple[FrameHeader, torch.Tensor]] = field(default_factory=list)
+    bytes: int = 0
+
+
+class TransferTable:
+    def __init__(self, *, early_grace_s: float = 5.0, max_early_bytes: int = 256 << 20,
+                 remember: int = 65536) -> None:
+        self._lock = threading.Lock()
+        self._active: dict[str, _Active] = {}
+        self._early: dict[str, _Early] = {}
+        self._early_bytes = 0
+        # Ids that are over (done, failed, cancelled), so late frames are dropped: value is
+        # None, or the reason a later expect() must fail at once (frames already lost).
+        self._finished: OrderedDict[str, str | None] = OrderedDict()
+        self._early_grace_s = early_grace_s
+        self._max_early_bytes = max_early_bytes
+        self._remember = remember
+        self._closed = False
+
+    def expect(self, transfer_id: str, kv_caches: list[torch.Tensor],
+               block_ids: Sequence[int], layout: KVLayout) -> PendingTransfer:
+        index = _check_caches(kv_caches, block_ids, layout)
+        pending = PendingTransfer(transfer_id, on_timeout=self.cancel)
+        with self._lock:
+            if self._closed:
+                raise KVTransferError("the KV receiver is closed")
+            if transfer_id in self._active:
+                raise ValueError(f"transfer {transfer_id!r} is already expected")
+            if transfer_id in self._finished:
+                reason = self._finished[transfer_id]
+                if reason is None:
+                    raise ValueError(f"transfer id {transfer_id!r} was already used")
+                pending._resolve(error=KVTransferError(reason))
+                return pending
+            t = _Active(pending=pending, kv_caches=kv_caches, index=index, layout=layout,
+                        layer_bytes=layout.packed_layer_bytes(len(block_ids)), started=now(),
+                        received=bytearray(layout.num_layers))
+            self._active[transfer_id] = t
+            early = self._early.pop(transfer_id, None)
+            if early is not None:
+                self._early_bytes -= early.bytes
+                for header, payload in early.frames:
+                    if transfer_id not in self._active:
+                        break  # an earlier buffered frame failed it
+                    self._scatter(t, header, payload, early.source, early.reply)
+        return pending
+
+    def deliver(self, header: FrameHeader, payload: torch.Tensor, source: object | None,
+                reply: Reply | None) -> None:
+        """One DATA frame; ``payload`` is its bytes as a flat uint8 tensor (may be reused by
+        the caller afterwards: anything kept is copied)."""
+        tid = header.transfer_id
+        with self._lock:
+            if tid in self._finished or self._closed:
+                return
+            t = self._active.get(tid)
+            if t is not None:
+                self._scatter(t, header, payload, source, reply)
+                return
+            early = self._early.get(tid)
+            size = payload.numel()
+            if self._early_bytes + size > self._max_early_bytes:
+                reason = (f"transfer {tid!r}: frames arrived before expect() and the early "
+                          f"buffer ({self._max_early_bytes} bytes) is full")
+                self._drop_early(tid, reason, source, reply)
+                return
+            if early is None:
+                early = _Early(deadline=now() + self._early_grace_s, source=source, reply=reply)
+                self._early[tid] = early
+            early.frames.append((header, payload.clone()))
+            early.bytes += size
+            early.source, early.reply = source, reply
+            self._early_bytes += size
+
+    def abort(self, transfer_id: str, status: Status, message: str) -> None:
+        """The sender gave up (ABORT frame): fail the transfer, expected or not yet."""
+        error = error_for_status(status, f"the sender aborted transfer {transfer_id!r}: "
+                                         f"{message}")
+        with self._lock:
+            early = self._early.pop(transfer_id, None)
+            if early is not None:
+                self._early_bytes -= early.bytes
+            t = self._active.pop(transfer_id, None)
+            if t is not None:
+                t.pending._resolve(error=error)
+                self._remember_finished(transfer_id, None)
+            elif transfer_id not in self._finished:
+                self._remember_finished(transfer_id, str(error))
+
+    def cancel(self, transfer_id: str) -> None:
+        with self._lock:
+            reason = f"transfer {transfer_id!r} was cancelled by the receiver"
+            early = self._early.pop(transfer_id, None)
+            if early is not None:
+                self._early_bytes -= early.bytes
+                _send(early.reply, transfer_id, Status.CANCELLED, reason)
+            t = self._active.pop(transfer_id, None)
+            if t is not None:
+                t.pending._resolve(error=KVTransferError(reason))
+                _send(t.reply, transfer_id, Status.CANCELLED, reason)
+            self._remember_finished(transfer_id, reason)
+
+    def source_lost(self, source: object) -> None:
+        """A sender's connection dropped: its unfinished transfers can no longer complete."""
+        with self._lock:
+            for tid, t in list(self._active.items()):
+                if t.source is source:
+                    del self._active[tid]
+                    t.pending._resolve(error=KVTransferError(
+                        f"transfer {tid!r}: the connection from the sender was lost after "
+                        f"{t.count} of {t.layout.num_layers} layers"))
+                    self._remember_finished(tid, None)
+            for tid, early in list(self._early.items()):
+                if early.source is source:
+                    self._drop_early(tid, f"transfer {tid!r}: the sender's connection was lost",
+                                     None, None)
+
+    def expire_early(self) -> None:
+        """Drop buffered frames whose expect() never came within the grace period."""
+        t_now = now()
+        with self._lock:
+            for tid, early in list(self._early.items()):
+                if early.deadline < t_now:
+                    self._drop_early(tid, f"transfer {tid!r}: no receiver expected it within "
+                                     f"{self._early_grace_s:g}s", early.source, early.reply)
+
+    def fail_all(self, reason: str) -> None:
+        with self._lock:
+            self._closed = True
+            for tid, t in self._active.items():
+                t.pending._resolve(error=KVTransferError(f"transfer {tid!r}: {reason}"))
+                _send(t.reply, tid, Status.CLOSED, reason)
+            for tid, early in self._early.items():
+                _send(early.reply, tid, Status.CLOSED, reason)
+            self._active.clear()
+            self._early.clear()
+            self._early_bytes = 0
+
+    def _scatter(self, t: _Active, header: FrameHeader, payload: torch.Tensor,
+                 source: object | None, reply: Reply | None) -> None:
+        """Check one frame against the expected transfer, then write it (lock held)."""
+        t.source, t.reply = source, reply
+        tid, layout = header.transfer_id, t.layout
+        problem: str | None = None
+        status = Status.REJECTED
+        if header.fingerprint != layout.fingerprint:
+            status = Status.LAYOUT_MISMATCH
+            problem = (f"layout fingerprint {header.fingerprint} does not match the receiver's "
+                       f"{layout.fingerprint}")
+        elif header.dtype != layout.dtype or header.num_layers != layout.num_layers:
+            problem = (f"frame says {header.num_layers} layers of {header.dtype}, the receiver "
+                       f"expects {layout.num_layers} of {layout.dtype}")
+        elif header.payload_bytes != t.layer_bytes or payload.numel() != t.layer_bytes:
+            problem = (f"layer of {header.payload_bytes} bytes, the receiver expects "
+                       f"{t.layer_bytes} ({t.index.numel()} blocks)")
+        elif t.received[header.layer]:
+            problem = f"layer {header.layer} arrived twice"
+        if problem is None:
+            try:
+                packed = payload.view(layout.torch_dtype).view(layout.layer_shape(t.index.numel()))
+                scatter_layer(t.kv_caches[header.layer], t.index, packed)
+            except (RuntimeError, ValueError) as exc:
+                problem = f"scatter failed: {exc}"
+        if problem is not None:
+            message = f"transfer {tid!r} rejected: {problem}"
+            err_type = LayoutMismatchError if status == Status.LAYOUT_MISMATCH else KVTransferError
+            del self._active[tid]
+            t.pending._resolve(error=err_type(message))
+            self._remember_finished(tid, None)
+            _send(reply, tid, status, message)
+            return
+        t.received[header.layer] = 1
+        t.count += 1
+        t.bytes += t.layer_bytes
+        if t.count == layout.num_layers:
+            device = t.kv_caches[0].device
+            if device.type == "cuda":
+                # The scatter ran on this thread's stream; the engine reads on its own.
+                torch.cuda.synchronize(device)
+            del self._active[tid]
+            t.pending._resolve(stats=TransferStats(bytes=t.bytes, seconds=now() - t.started))
+            self._remember_finished(tid, None)
+            _send(reply, tid, Status.OK, "")
+
+    def _drop_early(self, tid: str, reason: str, source: object | None,
+                    reply: Reply | None) -> None:
+        early = self._early.pop(tid, None)
+        if early is not None:
+            self._early_bytes -= early.bytes
+        self._remember_finished(tid, reason)
+        _send(reply, tid, Status.UNKNOWN, reason)
+
+    def _remember_finished(self, tid: str, reason: str | None) -> None:
+        self._finished[tid] = reason
+        self._finished.move_to_end(tid)
+        while len(self._finished) > self._remember:
+            self._finished.popitem(last=False)
+
+
+def _send(reply: Reply | None, tid: str, status: Status, message: str) -> None:
+    if reply is None:
+        return
+    try:
+        reply(tid, status, message)
+    except Exception:  # a reply path failing must not break the table for others
+        log.exception("KV receiver could not reply for transfer %r", tid)
+
+
+def _check_caches(kv_caches: list[torch.Tensor], block_ids: Sequence[int],
+                  layout: KVLayout) -> torch.Tensor:
+    if len(kv_caches) != layout.num_layers:
+        raise ValueError(f"{len(kv_caches)} cache tensors for {layout.num_layers} layers")
+    first = kv_caches[0]
+    for kv in kv_caches:
+        if (kv.ndim != 5 or kv.shape[0] != 2 or kv.shape[1] != first.shape[1]
+                or tuple(kv.shape[2:]) != layout.layer_shape(0)[2:]):
+            raise ValueError(f"cache of shape {tuple(kv.shape)} does not fit layout {layout}")
+        if kv.dtype != layout.torch_dtype or kv.device != first.device:
+            raise ValueError("cache tensors must share the layout's dtype and one device")
+    ids = [int(b) for b in block_ids]
+    if not ids:
+        raise ValueError("expect() needs at least one block id")
+    if len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) >= first.shape[1]:
+        raise ValueError(f"block ids must be distinct and within 0..{first.shape[1] - 1}")
+    return torch.tensor(ids, dtype=torch.long, device=first.device)

@@ -1,0 +1,459 @@
+"""The ``tcp`` backend: KV frames over plain asyncio sockets, always available.
+
+Each receiver and each sender runs its own asyncio loop in a daemon thread (the engine runs
+in another thread, the gRPC server in the main one). Payloads are read with
+``sock_recv_into`` into a preallocated per-connection buffer (ENVIRONMENT.md: about twice
+as fast as ``StreamReader.readexactly``), then scattered with ``scatter_layer``. A sender
+keeps one persistent connection per receiver address, multiplexes every request's layers
+over it, and reconnects after a failure; the receiver acknowledges each transfer once all
+its layers are in. Tensors travel through host memory: device tensors are copied to the
+CPU before sending and moved to the cache's device on scatter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.errors import KVTransferError, LayoutMismatchError
+from engine.kv_layout import KVLayout
+from kv_transfer.connector import (
+    KVReceiver,
+    KVSender,
+    KVTargetSpec,
+    PendingTransfer,
+    check_target,
+)
+from kv_transfer.sending import BaseSendHandle, as_bytes, mismatch_reason
+from kv_transfer.table import TransferTable
+from kv_transfer.wire import (
+    HEADER_SIZE,
+    FrameHeader,
+    FrameKind,
+    Status,
+    control_frame,
+    decode_message,
+)
+
+log = logging.getLogger(__name__)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) -> (host, port); ValueError otherwise."""
+    host, sep, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad tcp KV address {address!r} (want host:port)")
+    return host, int(port)
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _LoopThread:
+    """An asyncio event loop running in a daemon thread."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            tasks = asyncio.all_tasks(self.loop)
+            for task in tasks:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            self.loop.close()
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> bool:
+        """Run ``fn(*args)`` on the loop soon; False if the loop is gone."""
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+            return True
+        except RuntimeError:
+            return False
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout: float) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.call(self.loop.stop)
+        self._thread.join(timeout)
+
+
+async def _recv_into(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview,
+                     *, eof_ok: bool = False) -> bool:
+    """Fill ``view`` from ``sock``. False on a clean EOF before any byte (if ``eof_ok``)."""
+    got, total = 0, len(view)
+    while got < total:
+        n = await loop.sock_recv_into(sock, view[got:])
+        if n == 0:
+            if got == 0 and eof_ok:
+                return False
+            raise ConnectionError(f"peer closed the connection mid-frame ({got}/{total} bytes)")
+        got += n
+    return True
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    # Acks and headers are small; do not let Nagle hold them back.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+@dataclass(slots=True, eq=False)
+class _RecvConn:
+    sock: socket.socket
+    peer: str
+    task: asyncio.Task[None] | None = None
+    flusher: asyncio.Task[None] | None = None
+    outbox: deque[bytes] | None = None
+    closed: bool = False
+
+
+class TcpReceiver(KVReceiver):
+    """Listens on host:port (port 0: a free one); ``address`` is what senders dial."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, early_grace_s: float = 5.0,
+                 max_early_bytes: int = 256 << 20) -> None:
+        self._table = TransferTable(early_grace_s=early_grace_s,
+                                    max_early_bytes=max_early_bytes)
+        self._expire_every = max(0.05, min(0.5, early_grace_s / 4))
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.create_server((host, port), family=family, backlog=256)
+        self._listener.setblocking(False)
+        self.address = format_address(host, self._listener.getsockname()[1])
+        self._conns: set[_RecvConn] = set()  # loop thread only
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        self._io = _LoopThread(f"kv-recv-{self.address}")
+        self._io.call(self._start)
+
+    def expect(self, transfer_id: str, kv_caches: list[torch.Tensor], block_ids: Sequence[int],
+               layout: KVLayout) -> PendingTransfer:
+        return self._table.expect(transfer_id, kv_caches, block_ids, layout)
+
+    def cancel(self, transfer_id: str) -> None:
+        self._table.cancel(transfer_id)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._table.fail_all("the KV receiver closed")  # queues CLOSED replies first
+        try:
+            self._io.run(self._shutdown(), timeout=5.0)
+        except Exception:
+            log.exception("KV receiver %s: unclean shutdown", self.address)
+        self._io.stop()
+
+    def _start(self) -> None:
+        loop = self._io.loop
+        self._tasks = [loop.create_task(self._accept_loop()), loop.create_task(self._expire())]
+
+    async def _shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._listener.close()
+        flushers = [c.flusher for c in self._conns if c.flusher is not None]
+        if flushers:  # let the CLOSED replies go out before the sockets close
+            await asyncio.wait(flushers, timeout=0.5)
+        tasks = [c.task for c in self._conns if c.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, peer = await loop.sock_accept(self._listener)
+            except OSError as exc:  # e.g. out of file descriptors: keep serving the others
+                log.warning("KV receiver %s: accept failed: %s", self.address, exc)
+                await asyncio.sleep(0.1)
+                continue
+            _tune(sock)
+            conn = _RecvConn(sock=sock, peer=str(peer), outbox=deque())
+            conn.task = loop.create_task(self._serve(conn))
+            self._conns.add(conn)
+
+    async def _expire(self) -> None:
+        while True:
+            await asyncio.sleep(self._expire_every)
+            self._table.expire_early()
+
+    async def _serve(self, conn: _RecvConn) -> None:
+        loop = asyncio.get_running_loop()
+        header = bytearray(HEADER_SIZE)
+        staging = torch.empty(0, dtype=torch.uint8)
+        staging_view = memoryview(b"")
+        reply = self._replier(conn)
+        try:
+            while await _recv_into(loop, conn.sock, memoryview(header), eof_ok=True):
+                frame = FrameHeader.decode(header)
+                size = frame.payload_bytes
+                if frame.kind == FrameKind.DATA:
+                    if staging.numel() < size:  # grows to the largest layer seen, then reused
+                        staging = torch.empty(size, dtype=torch.uint8)
+                        staging_view = memoryview(staging.numpy())
+                    await _recv_into(loop, conn.sock, staging_view[:size])
+                    self._table.deliver(frame, staging[:size], conn, reply)
+                elif frame.kind == FrameKind.ABORT:
+                    body = bytearray(size)
+                    await _recv_into(loop, conn.sock, memoryview(body))
+                    self._table.abort(frame.transfer_id, frame.status, decode_message(body))
+                else:
+                    raise KVTransferError(f"a sender sent a {frame.kind.name} frame")
+        except (KVTransferError, OSError) as exc:
+            log.warning("KV receiver %s: dropping connection from %s: %s", self.address,
+                        conn.peer, exc)
+        finally:
+            conn.closed = True
+            self._conns.discard(conn)
+            self._table.source_lost(conn)
+            if conn.flusher is not None:
+                # The fd must leave the selector before it is closed (and maybe reused).
+                conn.flusher.cancel()
+                await asyncio.gather(conn.flusher, return_exceptions=True)
+            conn.sock.close()
+
+    def _replier(self, conn: _RecvConn) -> Callable[[str, Status, str], None]:
+        """The table's reply callback for frames of ``conn``; callable from any thread."""
+        def reply(transfer_id: str, status: Status, message: str) -> None:
+            kind = FrameKind.ACK if status == Status.OK else FrameKind.ERROR
+            self._io.call(self._queue_reply, conn, control_frame(kind, transfer_id, status,
+                                                                 message))
+        return reply
+
+    def _queue_reply(self, conn: _RecvConn, frame: bytes) -> None:
+        if conn.closed or conn.outbox is None:
+            return
+        conn.outbox.append(frame)
+        if conn.flusher is None or conn.flusher.done():
+            conn.flusher = self._io.loop.create_task(self._flush(conn))
+
+    async def _flush(self, conn: _RecvConn) -> None:
+        loop = asyncio.get_running_loop()
+        assert conn.outbox is not None
+        try:
+            while conn.outbox:
+                await loop.sock_sendall(conn.sock, conn.outbox.popleft())
+        except OSError as exc:  # the reading side notices and cleans up
+            log.warning("KV receiver %s: reply to %s failed: %s", self.address, conn.peer, exc)
+
+
+@dataclass(slots=True, eq=False)
+class _Item:
+    handle: TcpSendHandle
+    header: bytes  # for control frames: the whole frame
+    payload: torch.Tensor | None  # flat uint8 on the CPU; None for control frames
+    connect: bool = True  # may this item open a connection? (aborts usually not)
+
+
+class _Link:
+    """One receiver address on the sender's loop thread: a persistent connection, the send
+    queue every request to that address shares, and the handles awaiting its replies."""
+
+    def __init__(self, address: str, connect_timeout: float) -> None:
+        self.address = address
+        self.connect_timeout = connect_timeout
+        self.queue: deque[_Item] = deque()
+        self.wake = asyncio.Event()
+        self.handles: dict[str, TcpSendHandle] = {}
+        self.gen = 0  # which connection: a failure fails only the transfers that used it
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def push(self, item: _Item) -> None:
+        self.queue.append(item)
+        self.wake.set()
+
+    def register(self, handle: TcpSendHandle) -> None:
+        old = self.handles.get(handle.transfer_id)
+        if old is not None and not old.done():
+            handle._lost("another transfer with this id is in flight to this receiver")
+            return
+        self.handles[handle.transfer_id] = handle
+
+    def fail(self, pred: Callable[[TcpSendHandle], bool], reason: str) -> None:
+        for tid, handle in list(self.handles.items()):
+            if pred(handle):
+                del self.handles[tid]
+                handle._lost(reason)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wait_for_work()
+            try:
+                sock = await self._connect(loop)
+            except (OSError, asyncio.TimeoutError) as exc:
+                self.fail(lambda h: True, f"cannot connect: {exc!r}")
+                self.queue.clear()
+                continue
+            self.gen += 1
+            gen = self.gen
+            tasks = {loop.create_task(self._read(loop, sock)),
+                     loop.create_task(self._write(loop, sock, gen))}
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                errors = [t.exception() for t in done if not t.cancelled() and t.exception()]
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                sock.close()
+            why = repr(errors[0]) if errors else "closed by the receiver"
+            self.fail(lambda h: h._gen == gen, f"connection lost ({why})")
+
+    async def _wait_for_work(self) -> None:
+        """Until an item that deserves a connection is at the head of the queue."""
+        while True:
+            while self.queue:
+                item = self.queue[0]
+                if item.payload is not None and not item.handle.done():
+                    return
+                if item.payload is None and item.connect:
+                    return
+                # Data of a transfer that already failed, or an abort with no live
+                # connection to ride on: nothing to open a connection for.
+                self.queue.popleft()
+            self.wake.clear()
+            await self.wake.wait()
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> socket.socket:
+        host, port = parse_address(self.address)
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, sockaddr = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, sockaddr), self.connect_timeout)
+        except BaseException:
+            sock.close()
+            raise
+        _tune(sock)
+        return sock
+
+    async def _write(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                     gen: int) -> None:
+        while True:
+            while not self.queue:
+                self.wake.clear()
+                await self.wake.wait()
+            item = self.queue.popleft()
+            if item.payload is None:
+                await loop.sock_sendall(sock, item.header)
+                continue
+            if item.handle.done():
+                continue
+            item.handle._gen = gen
+            await loop.sock_sendall(sock, item.header)
+            await loop.sock_sendall(sock, memoryview(item.payload.numpy()))
+
+    async def _read(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        header = bytearray(HEADER_SIZE)
+        while await _recv_into(loop, sock, memoryview(header), eof_ok=True):
+            frame = FrameHeader.decode(header)
+            if frame.kind not in (FrameKind.ACK, FrameKind.ERROR):
+                raise KVTransferError(f"the receiver sent a {frame.kind.name} frame")
+            body = bytearray(frame.payload_bytes)
+            await _recv_into(loop, sock, memoryview(body))
+            handle = self.handles.pop(frame.transfer_id, None)
+            if handle is None:
+                continue  # a late reply for a transfer already over here
+            if frame.kind == FrameKind.ACK:
+                handle._acked()
+            else:
+                handle._rejected(frame.status, decode_message(body))
+
+
+class TcpSendHandle(BaseSendHandle):
+    def __init__(self, sender: TcpSender, target: KVTargetSpec, layout: KVLayout) -> None:
+        super().__init__(target, layout)
+        self._sender = sender
+        self._gen: int | None = None  # the connection its frames went on (loop thread)
+
+    def _transmit(self, header: FrameHeader, packed: torch.Tensor) -> None:
+        host = packed.detach()
+        if host.device.type != "cpu":
+            host = host.to("cpu")
+        item = _Item(self, header.encode(), as_bytes(host))
+        if not self._sender._io.call(self._sender._push, self.target.address, item):
+            self._lost("the KV sender is closed")
+
+    def _notify_abort(self, status: Status, reason: str) -> None:
+        frame = control_frame(FrameKind.ABORT, self.transfer_id, status, reason)
+        # A layout mismatch is worth a connection: the receiver learns at once.
+        item = _Item(self, frame, None, connect=status == Status.LAYOUT_MISMATCH)
+        self._sender._io.call(self._sender._push_abort, item)
+
+
+class TcpSender(KVSender):
+    def __init__(self, *, connect_timeout: float = 5.0) -> None:
+        self._connect_timeout = connect_timeout
+        self._links: dict[str, _Link] = {}  # loop thread only
+        self._closed = False
+        self._io = _LoopThread("kv-send")
+
+    def begin(self, target: KVTargetSpec, layout: KVLayout) -> TcpSendHandle:
+        check_target(target, layout)
+        parse_address(target.address)
+        if self._closed:
+            raise KVTransferError("the KV sender is closed")
+        handle = TcpSendHandle(self, target, layout)
+        reason = mismatch_reason(target, layout)
+        if reason is not None:
+            handle._abort(Status.LAYOUT_MISMATCH, reason)
+            raise LayoutMismatchError(reason)
+        self._io.call(self._register, handle)
+        return handle
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._io.run(self._shutdown(), timeout=5.0)
+        except Exception:
+            log.exception("KV sender: unclean shutdown")
+        self._io.stop()
+
+    def _link(self, address: str) -> _Link:
+        link = self._links.get(address)
+        if link is None:
+            link = self._links[address] = _Link(address, self._connect_timeout)
+        return link
+
+    def _register(self, handle: TcpSendHandle) -> None:
+        self._link(handle.target.address).register(handle)
+
+    def _push(self, address: str, item: _Item) -> None:
+        self._link(address).push(item)
+
+    def _push_abort(self, item: _Item) -> None:
+        link = self._link(item.handle.target.address)
+        if link.handles.get(item.handle.transfer_id) is item.handle:
+            del link.handles[item.handle.transfer_id]
+        link.push(item)
+
+    async def _shutdown(self) -> None:
+        links = list(self._links.values())
+        for link in links:
+            link.task.cancel()
+        await asyncio.gather(*(link.task for link in links), return_exceptions=True)
+        for link in links:
+            link.fail(lambda h: True, "the KV sender closed")
