@@ -35,8 +35,10 @@ $(MODEL)/config.json: | $(STAMP)
 run: install model
 	$(PDSERVE) up --model $(MODEL) --port $(PORT) --prefill 1 --decode 1
 
+# The kernel suite runs in a process of its own under Triton's interpreter (tests/conftest.py).
 test: install model
 	$(PY) -m pytest -q
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/kernels
 
 bench-cpu: install model
 	$(PY) bench/serving.py --model $(MODEL)

@@ -53,14 +53,15 @@ class _Tracking:
 
 class LLM:
     def __init__(self, model: str | Path, device: str = "cpu", dtype: str = "float32",
-                 **engine_args: Any) -> None:
+                 show_progress: bool = False, **engine_args: Any) -> None:
         names = {f.name for f in fields(EngineArgs)}
         unknown = set(engine_args) - names
         if unknown:
             raise InvalidRequestError(f"unknown engine argument(s) {sorted(unknown)}; "
                                       f"known: {sorted(names - {'device', 'dtype'})}")
-        self.engine = LLMEngine(model, EngineArgs(device=device, dtype=dtype, **engine_args))
-        self.tokenizer = load_tokenizer(model)
+        self.tokenizer = load_tokenizer(model)  # first: a bad directory fails fast
+        self.engine = LLMEngine(model, EngineArgs(device=device, dtype=dtype, **engine_args),
+                                show_progress)
         self._ids = count()
 
     def encode(self, prompt: str | Seq[int]) -> list[int]:

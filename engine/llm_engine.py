@@ -79,7 +79,8 @@ class Request:
 
 
 class LLMEngine:
-    def __init__(self, model_dir: str | Path, args: EngineArgs | None = None) -> None:
+    def __init__(self, model_dir: str | Path, args: EngineArgs | None = None,
+                 show_progress: bool = False) -> None:
         self.args = args = args or EngineArgs()
         self.model_dir = Path(model_dir)
         self.config = ModelConfig.from_dir(self.model_dir)
@@ -87,7 +88,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.config, self.model_dir, args.device, args.dtype, args.block_size,
             self.max_model_len, args.num_kv_blocks, args.kv_cache_memory_bytes,
-            args.gpu_memory_utilization)
+            args.gpu_memory_utilization, show_progress)
         # One sequence must always fit alone, or preemption could never make progress.
         self.max_model_len = min(self.max_model_len, self.runner.num_blocks * args.block_size)
         self.pool = BlockPool(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)

@@ -152,8 +152,8 @@ class LlamaModel(nn.Module):
         weight = self.embed if self.lm_head is None else self.lm_head
         return F.linear(hidden, weight).float()
 
-    def load_weights(self, model_dir: Path) -> None:
-        state = load_state(model_dir)
+    def load_weights(self, model_dir: Path, show_progress: bool = False) -> None:
+        state = load_state(model_dir, show_progress)
         pre = "model."
         with torch.no_grad():
             self.embed.copy_(take(state, pre + "embed_tokens.weight"))

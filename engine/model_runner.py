@@ -27,7 +27,8 @@ class StepInputs:
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, model_dir: Path, device: str, dtype: str,
                  block_size: int, max_model_len: int, num_blocks: int | None,
-                 kv_cache_memory_bytes: int | None, gpu_memory_utilization: float) -> None:
+                 kv_cache_memory_bytes: int | None, gpu_memory_utilization: float,
+                 show_progress: bool = False) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
@@ -35,7 +36,7 @@ class ModelRunner:
         with torch.device("meta"):  # no memory until the checkpoint's tensors arrive
             model = LlamaModel(cfg, max_model_len)
         model = model.to_empty(device=self.device).to(self.dtype)
-        model.load_weights(model_dir)
+        model.load_weights(model_dir, show_progress)
         self.model = model
         # RoPE tables stay float32, computed as HF computes them (after the dtype cast).
         self.model.cos_sin = rope_cos_sin_cache(cfg.rope, cfg.head_dim, max_model_len).to(

@@ -80,6 +80,9 @@ class Scheduler:
                 self._release_blocks(seq)
                 break
             self.waiting.popleft()
+            if seq.num_output_tokens == 0:  # first admission: count the prompt's hits once
+                self.pool.count_hit(seq.num_prompt_tokens,
+                                    min(seq.num_computed_tokens, seq.num_prompt_tokens))
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)
@@ -117,7 +120,6 @@ class Scheduler:
             parent = hash_block(parent, seq.token_ids[b * bs:(b + 1) * bs])
             hashes.append(parent)
         hit = self.pool.lookup(hashes)
-        self.pool.count_hit(seq.num_prompt_tokens, min(len(hit) * bs, seq.num_prompt_tokens))
         seq.block_ids = hit
         seq.block_hashes = hashes[: len(hit)]
         seq.num_computed_tokens = len(hit) * bs

@@ -7,7 +7,7 @@ fuses q/k/v and gate/up into single matrices, so loading concatenates them here,
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -34,8 +34,7 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def iter_tensors(model_dir: Path, progress: Callable[[int], None] | None = None
-                 ) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for path in checkpoint_files(model_dir):
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -43,14 +42,15 @@ def iter_tensors(model_dir: Path, progress: Callable[[int], None] | None = None
                     yield name, f.get_tensor(name)
         except (OSError, ValueError, RuntimeError) as exc:  # safetensors raises these
             raise ModelLoadError(f"cannot read {path.name}: {exc}") from None
-        if progress is not None:
-            progress(1)
 
 
-def load_state(model_dir: Path, progress: Callable[[int], None] | None = None
-               ) -> dict[str, torch.Tensor]:
+def load_state(model_dir: Path, show_progress: bool = False) -> dict[str, torch.Tensor]:
     """All tensors of the checkpoint by HF name (still on CPU, checkpoint dtype)."""
-    return dict(iter_tensors(model_dir, progress))
+    tensors = iter_tensors(model_dir)
+    if show_progress:
+        from tqdm import tqdm
+        tensors = tqdm(tensors, desc="loading weights", unit=" tensors", leave=False)
+    return dict(tensors)
 
 
 def take(state: dict[str, torch.Tensor], name: str) -> torch.Tensor:

@@ -26,6 +26,11 @@ DEFAULT_MODEL = REPO_ROOT / "models" / "default"
 
 ModelFactory = Callable[..., Path]
 
+# Kernel tests need TRITON_INTERPRET=1 from the start of the process, and under it the kernel
+# dispatcher would send every engine test through Triton's (slow) interpreter. So the kernel
+# suite runs in its own pytest process: `make test` runs `TRITON_INTERPRET=1 pytest tests/kernels`.
+collect_ignore = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["kernels"]
+
 
 @pytest.fixture(scope="session")
 def model_factory(tmp_path_factory: pytest.TempPathFactory) -> ModelFactory:
