@@ -1,0 +1,228 @@
+"""Triton paged decode attention (twin of reference.paged_decode_attention).
+
+One query token per sequence attends to its whole context in the paged KV cache
+``[2, num_blocks, block_size, num_kv_heads, head_dim]``. A program owns one
+(sequence, KV head, split): it loads the KV head's whole query group as one
+``[BLOCK_H, D]`` tile, so each K/V byte is read from memory once for all the query heads
+that share it (GQA/MQA; MHA is a group of one), and streams the context in tiles of
+``block_n`` tokens with an online softmax. Tokens are gathered through the block table a
+token at a time, so any block_size works and a context may end mid-block.
+
+Split-KV (flash-decoding): when batch x KV heads is too few programs to fill the GPU, each
+sequence's context is cut into ``num_splits`` ranges that run as separate programs and
+write a partial (normalised output, log-sum-exp) pair; a second kernel merges them. The
+split count is picked on the host from shapes alone -- batch x KV heads vs the SM count,
+and the longest context the block table can hold -- and each sequence cuts its own context
+into that many ranges inside the kernel. Nothing reads a device value on the host, so the
+call can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+MAX_SPLITS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeConfig:
+    """Launch shape. ``num_splits=None`` lets choose_num_splits decide."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    num_splits: int | None = None
+    # Heuristic knobs (tuned on H100/H200, see bench/GPU_NOTES.md).
+    waves: float = 2.0  # aim for about this many programs per SM
+    min_tokens_per_split: int = 256
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: any small number exercises the split path
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int,
+                      cfg: DecodeConfig = DecodeConfig()) -> int:
+    """How many ranges to cut each context into: enough programs for ``cfg.waves`` per SM,
+    but no range shorter than ``cfg.min_tokens_per_split`` (the partial results and the
+    merge cost more than they save on short ranges)."""
+    programs = max(1, batch * num_kv_heads)
+    wanted = math.ceil(cfg.waves * num_sms / programs)
+    by_length = max(1, max_context // cfg.min_tokens_per_split)
+    return max(1, min(wanted, by_length, MAX_SPLITS))
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, kv_ptr, bt_ptr, ctx_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
+    qk_scale,
+    stride_qb, stride_qh,
+    stride_kv, stride_blk, stride_tok, stride_kh,
+    stride_bt, stride_ob, stride_oh,
+    num_splits,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(ctx_ptr + b)
+    if SPLIT:
+        tiles_per_split = tl.cdiv(tl.cdiv(ctx, BLOCK_N), num_splits)
+        start = split * tiles_per_split * BLOCK_N
+        end = tl.minimum(start + tiles_per_split * BLOCK_N, ctx)
+    else:
+        start = 0
+        end = ctx
+
+    rows = tl.arange(0, BLOCK_H)
+    heads = kvh * GROUP + rows
+    hmask = rows < GROUP
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                mask=hmask[:, None] & dmask[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    k_base = kv_ptr + kvh * stride_kh
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    offs_n = tl.arange(0, BLOCK_N)
+    for n in range(start, end, BLOCK_N):
+        t = n + offs_n
+        tmask = t < end
+        page = tl.load(bt_row + t // PAGE, mask=tmask, other=0).to(tl.int64)
+        off = page * stride_blk + (t % PAGE) * stride_tok
+        kv_mask = tmask[:, None] & dmask[None, :]
+        k = tl.load(k_base + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(k_base + stride_kv + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where(tmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    # An empty range (a short sequence's later splits, or context 0) leaves l_i == 0.
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    omask = hmask[:, None] & dmask[None, :]
+    if SPLIT:
+        row = (b * tl.num_programs(1) * GROUP + heads).to(tl.int64) * num_splits + split
+        tl.store(mid_o_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=omask)
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(mid_lse_ptr + row, lse, mask=hmask)
+    else:
+        tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _merge_kernel(
+    mid_o_ptr, mid_lse_ptr, out_ptr,
+    stride_ob, stride_oh, num_heads, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    smask = s < num_splits
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    row = (b * num_heads + h).to(tl.int64) * num_splits + s
+    lse = tl.load(mid_lse_ptr + row, mask=smask, other=float("-inf"))
+    top = tl.max(lse, axis=0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.exp2(lse - top)  # empty splits carry -inf: weight 0
+    o = tl.load(mid_o_ptr + row[:, None] * HEAD_DIM + d[None, :],
+                mask=smask[:, None] & dmask[None, :], other=0.0)
+    num = tl.sum(w[:, None] * o, axis=0)
+    den = tl.sum(w, axis=0)
+    res = num / tl.where(den > 0.0, den, 1.0)
+    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d,
+             res.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+def decode_attention_out(
+    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, scale: float, out: torch.Tensor,
+    cfg: DecodeConfig = DecodeConfig(),
+) -> torch.Tensor:
+    """paged_decode_attention writing into ``out`` [B, Hq, D], with an explicit launch
+    config (the benchmark's tuning and the tests' forced split/non-split paths use it)."""
+    batch, num_heads, head_dim = q.shape
+    if batch == 0:
+        return out
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    assert kv_cache.stride(-1) == 1 and out.stride(-1) == 1
+    page = kv_cache.shape[2]
+    num_kv_heads = kv_cache.shape[3]
+    group = num_heads // num_kv_heads
+    if cfg.num_splits is not None:
+        splits = max(1, min(cfg.num_splits, MAX_SPLITS))
+    else:
+        splits = choose_num_splits(batch, num_kv_heads, block_tables.shape[1] * page,
+                                   sm_count(q.device), cfg)
+    upcast = q.device.type != "cuda"  # the interpreter's dot on bf16 is wrong: use fp32
+    precision = "ieee" if (q.dtype == torch.float32 or upcast) else "tf32"
+    block_h = max(16, triton.next_power_of_2(group))
+    block_d = triton.next_power_of_2(head_dim)
+    if splits > 1:
+        mid_o = torch.empty((batch, num_heads, splits, head_dim), dtype=torch.float32,
+                            device=q.device)
+        mid_lse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
+    else:
+        mid_o = mid_lse = out  # unused
+    _decode_kernel[(batch, num_kv_heads, splits)](
+        q, kv_cache, block_tables, context_lens, out, mid_o, mid_lse,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        splits,
+        GROUP=group, BLOCK_H=block_h, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        PAGE=page, SPLIT=splits > 1, UPCAST=upcast, PRECISION=precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if splits > 1:
+        _merge_kernel[(batch, num_heads)](
+            mid_o, mid_lse, out, out.stride(0), out.stride(1), num_heads, splits,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
+            num_warps=4,
+        )
+    return out
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    return decode_attention_out(q, kv_cache, block_tables, context_lens, scale,
+                                torch.empty_like(q))
