@@ -208,14 +208,15 @@ class LLMEngine:
             del self.requests[request_id]
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        """True while a step would compute something or report something."""
+        return self.scheduler.has_work() or any(r.pending for r in self.requests.values())
 
     # -- the step ---------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch.seqs:
-            return []
+            return self._collect_outputs()  # e.g. a remote prefill whose first token ended it
         self.num_steps += 1
         sinks = [(s, self.requests[s.request_id].kv_sink) for s, n in
                  zip(batch.seqs, batch.num_new_tokens)

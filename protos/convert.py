@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import grpc
+
+from engine.errors import PdserveError
 from engine.sampling_params import SamplingParams
+from engine.sequence import TokenLogprob
 from protos import pdserve_pb2 as pb
 
 
@@ -33,3 +37,22 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         min_tokens=msg.min_tokens, stop_token_ids=list(msg.stop_token_ids),
         ignore_eos=msg.ignore_eos, logprobs=msg.logprobs if msg.HasField("logprobs") else None,
     )
+
+
+def logprobs_to_proto(lp: TokenLogprob) -> pb.Logprobs:
+    return pb.Logprobs(chosen=pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob),
+                       top=[pb.TokenLogprob(token_id=t, logprob=v) for t, v in lp.top])
+
+
+def logprobs_from_proto(msg: pb.Logprobs) -> TokenLogprob:
+    return TokenLogprob(token_id=msg.chosen.token_id, logprob=msg.chosen.logprob,
+                        top=[(t.token_id, t.logprob) for t in msg.top])
+
+
+def status_of(exc: Exception) -> grpc.StatusCode:
+    """The gRPC status of an error: pdserve errors carry theirs; anything else is a bug."""
+    if isinstance(exc, PdserveError):
+        return getattr(grpc.StatusCode, exc.grpc_code)
+    if isinstance(exc, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL

@@ -1,0 +1,59 @@
+"""``pdserve decode``: run one decode pod (the command a Kubernetes pod runs)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+
+import grpc
+
+from decode_service.server import DecodeServicer
+from engine.args import add_engine_arguments, engine_args_from
+from engine.async_engine import AsyncEngine
+from engine.llm_engine import LLMEngine
+from engine.metrics import PodMetrics
+from kv_transfer.connector import make_receiver
+from protos import pdserve_pb2_grpc as pb_grpc
+from protos.server import serve
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=50061, help="gRPC port (0: any free)")
+    parser.add_argument("--kv-connector", default="tcp", choices=["tcp", "none"],
+                        help="how KV arrives from prefill pods (none: always prefill locally)")
+    parser.add_argument("--kv-port", type=int, default=0, help="KV receiver port (0: any free)")
+    parser.add_argument("--min-remote-prefill-tokens", type=int, default=1,
+                        help="shorter prompts are prefilled here (conditional disaggregation)")
+    parser.add_argument("--prefill-timeout", type=float, default=60.0)
+    parser.add_argument("--metrics-port", type=int, default=-1,
+                        help="Prometheus /metrics port (-1: off, 0: any free)")
+    add_engine_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s decode %(message)s")
+    engine = AsyncEngine(LLMEngine(args.model, engine_args_from(args)))
+    metrics = PodMetrics("decode")
+    metrics.watch_engine(engine)
+    metrics.serve(args.metrics_port, args.host)
+    receiver = None if args.kv_connector == "none" else \
+        make_receiver(args.kv_connector, args.host, args.kv_port)
+    servicer = DecodeServicer(engine, receiver, args.kv_connector, Path(args.model).name,
+                              metrics, args.min_remote_prefill_tokens, args.prefill_timeout)
+
+    def add(server: grpc.aio.Server) -> list[str]:
+        pb_grpc.add_DecodeServicer_to_server(servicer, server)
+        return ["pdserve.v1.Decode"]
+
+    async def stop() -> None:
+        await servicer.close()
+        if receiver is not None:
+            receiver.close()
+        engine.shutdown()
+
+    asyncio.run(serve(add, args.host, args.port,
+                      lambda port: f"pdserve decode ready on {args.host}:{port}", stop))
+    return 0
