@@ -69,10 +69,10 @@ class PendingTransfer:
         the reserved blocks, so the caller may free them.
         """
         if not self._event.wait(max(timeout, 0.0)):
-            if self._on_timeout is not None:
-                self._on_timeout(self.transfer_id)
-            self._resolve(error=KVTransferError(
+            timed_out = self._resolve(error=KVTransferError(
                 f"KV transfer {self.transfer_id!r} not complete after {timeout:g}s"))
+            if timed_out and self._on_timeout is not None:
+                self._on_timeout(self.transfer_id)  # returns once no more writes can happen
         if self._error is not None:
             raise self._error
         assert self._stats is not None

@@ -44,6 +44,16 @@ class _Active:
 
 
 @dataclass(slots=True)
+class _Over:
+    """A transfer id that is over; later frames for it are dropped."""
+
+    status: Status
+    reason: str
+    told: bool  # has the sender been told the outcome? if not, the next frame is answered
+    was_expected: bool  # False: expect() never came; a late expect() fails with ``reason``
+
+
+@dataclass(slots=True)
 class _Early:
     """Frames that arrived before expect(): kept (copied) for a grace period."""
 
@@ -61,9 +71,8 @@ class TransferTable:
         self._active: dict[str, _Active] = {}
         self._early: dict[str, _Early] = {}
         self._early_bytes = 0
-        # Ids that are over (done, failed, cancelled), so late frames are dropped: value is
-        # None, or the reason a later expect() must fail at once (frames already lost).
-        self._finished: OrderedDict[str, str | None] = OrderedDict()
+        # Ids that are over (done, failed, cancelled, given up early), newest last.
+        self._finished: OrderedDict[str, _Over] = OrderedDict()
         self._early_grace_s = early_grace_s
         self._max_early_bytes = max_early_bytes
         self._remember = remember
@@ -78,11 +87,11 @@ class TransferTable:
                 raise KVTransferError("the KV receiver is closed")
             if transfer_id in self._active:
                 raise ValueError(f"transfer {transfer_id!r} is already expected")
-            if transfer_id in self._finished:
-                reason = self._finished[transfer_id]
-                if reason is None:
+            over = self._finished.get(transfer_id)
+            if over is not None:
+                if over.was_expected:
                     raise ValueError(f"transfer id {transfer_id!r} was already used")
-                pending._resolve(error=KVTransferError(reason))
+                pending._resolve(error=error_for_status(over.status, over.reason))
                 return pending
             t = _Active(pending=pending, kv_caches=kv_caches, index=index, layout=layout,
                         layer_bytes=layout.packed_layer_bytes(len(block_ids)), started=now(),
@@ -103,7 +112,13 @@ class TransferTable:
         the caller afterwards: anything kept is copied)."""
         tid = header.transfer_id
         with self._lock:
-            if tid in self._finished or self._closed:
+            if self._closed:
+                return
+            over = self._finished.get(tid)
+            if over is not None:
+                if not over.told:  # e.g. cancelled before the sender's first frame
+                    over.told = True
+                    _send(reply, tid, over.status, over.reason)
                 return
             t = self._active.get(tid)
             if t is not None:
@@ -135,9 +150,9 @@ class TransferTable:
             t = self._active.pop(transfer_id, None)
             if t is not None:
                 t.pending._resolve(error=error)
-                self._remember_finished(transfer_id, None)
-            elif transfer_id not in self._finished:
-                self._remember_finished(transfer_id, str(error))
+            if t is not None or transfer_id not in self._finished:
+                self._over(transfer_id, status, str(error), told=True,
+                           was_expected=t is not None)
 
     def cancel(self, transfer_id: str) -> None:
         with self._lock:
@@ -150,7 +165,9 @@ class TransferTable:
             if t is not None:
                 t.pending._resolve(error=KVTransferError(reason))
                 _send(t.reply, transfer_id, Status.CANCELLED, reason)
-            self._remember_finished(transfer_id, reason)
+            told = (t is not None and t.reply is not None) or early is not None
+            self._over(transfer_id, Status.CANCELLED, reason, told=told,
+                       was_expected=t is not None)
 
     def source_lost(self, source: object) -> None:
         """A sender's connection dropped: its unfinished transfers can no longer complete."""
@@ -158,10 +175,10 @@ class TransferTable:
             for tid, t in list(self._active.items()):
                 if t.source is source:
                     del self._active[tid]
-                    t.pending._resolve(error=KVTransferError(
-                        f"transfer {tid!r}: the connection from the sender was lost after "
-                        f"{t.count} of {t.layout.num_layers} layers"))
-                    self._remember_finished(tid, None)
+                    reason = (f"transfer {tid!r}: the connection from the sender was lost "
+                              f"after {t.count} of {t.layout.num_layers} layers")
+                    t.pending._resolve(error=KVTransferError(reason))
+                    self._over(tid, Status.CLOSED, reason, told=True, was_expected=True)
             for tid, early in list(self._early.items()):
                 if early.source is source:
                     self._drop_early(tid, f"transfer {tid!r}: the sender's connection was lost",
@@ -218,7 +235,7 @@ class TransferTable:
             err_type = LayoutMismatchError if status == Status.LAYOUT_MISMATCH else KVTransferError
             del self._active[tid]
             t.pending._resolve(error=err_type(message))
-            self._remember_finished(tid, None)
+            self._over(tid, status, message, told=True, was_expected=True)
             _send(reply, tid, status, message)
             return
         t.received[header.layer] = 1
@@ -231,7 +248,7 @@ class TransferTable:
                 torch.cuda.synchronize(device)
             del self._active[tid]
             t.pending._resolve(stats=TransferStats(bytes=t.bytes, seconds=now() - t.started))
-            self._remember_finished(tid, None)
+            self._over(tid, Status.OK, "completed", told=True, was_expected=True)
             _send(reply, tid, Status.OK, "")
 
     def _drop_early(self, tid: str, reason: str, source: object | None,
@@ -239,11 +256,12 @@ class TransferTable:
         early = self._early.pop(tid, None)
         if early is not None:
             self._early_bytes -= early.bytes
-        self._remember_finished(tid, reason)
+        self._over(tid, Status.UNKNOWN, reason, told=reply is not None, was_expected=False)
         _send(reply, tid, Status.UNKNOWN, reason)
 
-    def _remember_finished(self, tid: str, reason: str | None) -> None:
-        self._finished[tid] = reason
+    def _over(self, tid: str, status: Status, reason: str, *, told: bool,
+              was_expected: bool) -> None:
+        self._finished[tid] = _Over(status, reason, told, was_expected)
         self._finished.move_to_end(tid)
         while len(self._finished) > self._remember:
             self._finished.popitem(last=False)

@@ -261,7 +261,6 @@ class _Item:
     handle: TcpSendHandle
     header: bytes  # for control frames: the whole frame
     payload: torch.Tensor | None  # flat uint8 on the CPU; None for control frames
-    connect: bool = True  # may this item open a connection? (aborts usually not)
 
 
 class _Link:
@@ -324,13 +323,9 @@ class _Link:
         while True:
             while self.queue:
                 item = self.queue[0]
-                if item.payload is not None and not item.handle.done():
+                if item.payload is None or not item.handle.done():
                     return
-                if item.payload is None and item.connect:
-                    return
-                # Data of a transfer that already failed, or an abort with no live
-                # connection to ride on: nothing to open a connection for.
-                self.queue.popleft()
+                self.queue.popleft()  # data of a transfer that already failed
             self.wake.clear()
             await self.wake.wait()
 
@@ -396,10 +391,10 @@ class TcpSendHandle(BaseSendHandle):
             self._lost("the KV sender is closed")
 
     def _notify_abort(self, status: Status, reason: str) -> None:
+        # Sent even if it needs a new connection: the receiver has usually registered the
+        # transfer already (decode calls expect() first) and should not wait for a timeout.
         frame = control_frame(FrameKind.ABORT, self.transfer_id, status, reason)
-        # A layout mismatch is worth a connection: the receiver learns at once.
-        item = _Item(self, frame, None, connect=status == Status.LAYOUT_MISMATCH)
-        self._sender._io.call(self._sender._push_abort, item)
+        self._sender._io.call(self._sender._push_abort, _Item(self, frame, None))
 
 
 class TcpSender(KVSender):
@@ -427,6 +422,8 @@ class TcpSender(KVSender):
             return
         self._closed = True
         try:
+            for handle in self._io.run(self._unfinished(), timeout=5.0):
+                handle._abort(Status.CLOSED, "the KV sender closed")
             self._io.run(self._shutdown(), timeout=5.0)
         except Exception:
             log.exception("KV sender: unclean shutdown")
@@ -450,8 +447,15 @@ class TcpSender(KVSender):
             del link.handles[item.handle.transfer_id]
         link.push(item)
 
+    async def _unfinished(self) -> list[TcpSendHandle]:
+        return [h for link in self._links.values() for h in link.handles.values()]
+
     async def _shutdown(self) -> None:
         links = list(self._links.values())
+        deadline = asyncio.get_running_loop().time() + 0.5
+        # Give the aborts queued by close() a moment to reach their receivers.
+        while any(link.queue for link in links) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
         for link in links:
             link.task.cancel()
         await asyncio.gather(*(link.task for link in links), return_exceptions=True)
