@@ -43,6 +43,7 @@ class EngineArgs:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
+    cuda_graphs: bool = True  # capture decode steps on CUDA
     seed: int = 0  # for requests without a seed of their own
 
 
@@ -88,7 +89,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.config, self.model_dir, args.device, args.dtype, args.block_size,
             self.max_model_len, args.num_kv_blocks, args.kv_cache_memory_bytes,
-            args.gpu_memory_utilization, show_progress)
+            args.gpu_memory_utilization, show_progress, args.max_num_seqs, args.cuda_graphs)
         # One sequence must always fit alone, or preemption could never make progress.
         self.max_model_len = min(self.max_model_len, self.runner.num_blocks * args.block_size)
         self.pool = BlockPool(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)

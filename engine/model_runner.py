@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from engine.config import ModelConfig
-from engine.kv_layout import DTYPES, KVLayout
+from engine.cuda_graphs import DecodeGraphs
+from engine.kv_layout import DTYPES, KVLayout, num_blocks_for
 from engine.model import AttentionMetadata, LlamaModel, rope_cos_sin_cache
 from engine.scheduler import ScheduledBatch
 
@@ -28,7 +29,8 @@ class ModelRunner:
     def __init__(self, cfg: ModelConfig, model_dir: Path, device: str, dtype: str,
                  block_size: int, max_model_len: int, num_blocks: int | None,
                  kv_cache_memory_bytes: int | None, gpu_memory_utilization: float,
-                 show_progress: bool = False) -> None:
+                 show_progress: bool = False, max_num_seqs: int = 256,
+                 cuda_graphs: bool = True) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
@@ -49,6 +51,11 @@ class ModelRunner:
         shape = self.layout.layer_shape(self.num_blocks)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(cfg.num_layers)]
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs and self.device.type == "cuda":
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs,
+                                       num_blocks_for(max_model_len, block_size))
+            self.graphs.capture()
 
     def _blocks_that_fit(self, budget: int | None, utilization: float) -> int:
         per_block = self.layout.block_bytes_per_layer * self.cfg.num_layers
@@ -99,8 +106,12 @@ class ModelRunner:
         for src, dst in batch.block_copies:
             self.copy_block(src, dst)
         inputs = self.prepare(batch)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches,
-                            layer_hook)
+        if (self.graphs is not None and layer_hook is None and inputs.attn.is_decode
+                and self.graphs.padded_size(len(batch.seqs)) is not None):
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.attn)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn,
+                                self.kv_caches, layer_hook)
         logits = self.model.logits(hidden.index_select(0, inputs.sample_rows))
         return logits, inputs.sample_seq_idx
 

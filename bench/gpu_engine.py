@@ -1,0 +1,167 @@
+"""GPU checks and timings of the whole engine (issue 3), in one run:
+
+1. Greedy tokens on the GPU (fp32 small models, Triton kernels, CUDA graphs on and off)
+   equal the CPU reference path's, for each architecture.
+2. A decode step of a Llama-3-8B-shaped model (random bf16 weights made on the GPU) at
+   batch 1/16/64 with context 2048: tokens/s, eager vs CUDA graphs, and the ratio to the
+   memory roofline (weights + KV bytes read per step over the device-to-device copy
+   bandwidth measured in this run).
+
+    python bench/gpu_engine.py [--out results.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from engine import LLM, SamplingParams
+from engine.config import ModelConfig, RopeConfig
+from engine.cuda_graphs import DecodeGraphs
+from engine.make_model import make_model
+from engine.model import AttentionMetadata, LlamaModel, rope_cos_sin_cache
+
+
+def check_greedy(tmp: Path) -> list[str]:
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 2000, (n,), generator=g).tolist()
+               for n in (1, 7, 16, 40, 100, 130, 300, 33)]
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    for arch in ("llama", "qwen2", "mistral"):
+        d = make_model(tmp / arch, arch=arch)
+        cpu = [o.outputs[0].token_ids for o in LLM(d).generate(prompts, params)]
+        for graphs in (True, False):
+            llm = LLM(d, device="cuda", max_num_batched_tokens=64, cuda_graphs=graphs,
+                      num_kv_blocks=1024)
+            gpu = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+            same = sum(a == b for a, b in zip(cpu, gpu))
+            rows.append(f"| {arch} | graphs={graphs} | {same}/{len(prompts)} prompts x 64 "
+                        f"tokens equal the CPU path |")
+            print(rows[-1], flush=True)
+            assert same == len(prompts), f"{arch} graphs={graphs}: GPU tokens differ from CPU"
+    return rows
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second of a large device-to-device copy."""
+    src = torch.randn(1 << 28, device="cuda")  # 1 GiB fp32
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return 2 * src.numel() * 4 / statistics.median(times[2:])
+
+
+def llama3_8b() -> ModelConfig:
+    return ModelConfig(
+        architecture="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
+        max_position_embeddings=8192, tie_word_embeddings=False, attention_bias=False,
+        rope=RopeConfig(theta=500000.0), model_id="llama3-8b-shape", torch_dtype="bfloat16")
+
+
+def time_decode_step(bw: float) -> list[str]:
+    cfg = llama3_8b()
+    ctx, block = 2048, 16
+    max_len = ctx + 64
+    with torch.device("meta"):
+        model = LlamaModel(cfg, max_len)
+    model = model.to_empty(device="cuda").to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+        for layer in model.layers:
+            layer.input_norm.fill_(1.0)
+            layer.post_attn_norm.fill_(1.0)
+        model.norm.fill_(1.0)
+    model.cos_sin = rope_cos_sin_cache(cfg.rope, cfg.head_dim, max_len).cuda()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes -= (cfg.vocab_size - 64) * cfg.hidden_size * 2  # embedding: only B rows read
+    max_batch = 64
+    blocks_per_seq = (max_len + block - 1) // block
+    num_blocks = max_batch * blocks_per_seq
+    kv = [torch.randn((2, num_blocks, block, cfg.num_kv_heads, cfg.head_dim),
+                      dtype=torch.bfloat16, device="cuda") for _ in range(cfg.num_layers)]
+    graphs = DecodeGraphs(model, kv, max_batch, blocks_per_seq, batch_sizes=(1, 16, 64))
+    graphs.capture()
+    rows = []
+    for b in (1, 16, 64):
+        tables = torch.arange(b * blocks_per_seq, dtype=torch.int32,
+                              device="cuda").view(b, blocks_per_seq)
+        lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
+        pos = torch.full((b,), ctx - 1, dtype=torch.int64, device="cuda")
+        slots = (tables[:, (ctx - 1) // block].long() * block + (ctx - 1) % block)
+        ids = torch.randint(0, cfg.vocab_size, (b,), device="cuda")
+        attn = AttentionMetadata(slots, tables, lens, torch.arange(b + 1, dtype=torch.int32,
+                                                                   device="cuda"), True)
+
+        def eager() -> torch.Tensor:
+            h = model(ids, pos, attn, kv)
+            return model.logits(h).argmax(-1)
+
+        def graphed() -> torch.Tensor:
+            h = graphs.run(ids, pos, attn)
+            return model.logits(h).argmax(-1)
+
+        kv_bytes = b * ctx * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2
+        floor = (weight_bytes + kv_bytes) / bw
+        result = {}
+        with torch.inference_mode():
+            for name, fn in (("eager", eager), ("graphs", graphed)):
+                for _ in range(3):
+                    fn()
+                times = []
+                for _ in range(20):
+                    a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
+                        enable_timing=True)
+                    a.record()
+                    fn()
+                    e.record()
+                    e.synchronize()
+                    times.append(a.elapsed_time(e) / 1e3)
+                result[name] = statistics.median(times)
+        row = (f"| {b} | {ctx} | {result['eager'] * 1e3:.2f} | {result['graphs'] * 1e3:.2f} | "
+               f"{b / result['graphs']:.0f} | {floor * 1e3:.2f} | "
+               f"{floor / result['graphs'] * 100:.0f}% |")
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    name = torch.cuda.get_device_name()
+    print(f"device: {name}, torch {torch.__version__}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        greedy = check_greedy(Path(tmp))
+    bw = copy_bandwidth()
+    print(f"copy bandwidth: {bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    step = time_decode_step(bw)
+    text = "\n".join([
+        f"Card: {name}; copy bandwidth measured in the same run: {bw / 1e12:.2f} TB/s.", "",
+        "| arch | path | result |", "| --- | --- | --- |", *greedy, "",
+        "Llama-3-8B-shaped decode step (random bf16 weights, 32 layers, hidden 4096, 32/8 "
+        "heads, vocab 128256), median of 20:", "",
+        "| batch | context | eager ms | CUDA graphs ms | tokens/s (graphs) | roofline ms | "
+        "% of roofline |", "| --- | --- | --- | --- | --- | --- | --- |", *step])
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
