@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
@@ -39,9 +40,13 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 2
     num_splits: int | None = None
-    # Heuristic knobs (tuned on H100/H200, see bench/GPU_NOTES.md).
-    waves: float = 2.0  # aim for about this many programs per SM
-    min_tokens_per_split: int = 256
+    # Launch the merge kernel with programmatic dependent launch (Hopper+), hiding its
+    # launch latency behind the split kernel's tail.
+    pdl: bool = False
+    # Heuristic knobs, from the split sweep on an H200 (bench/GPU_NOTES.md): about four
+    # programs per SM, and no range shorter than one tile.
+    waves: float = 4.0
+    min_tokens_per_split: int = 64
 
 
 @functools.lru_cache(maxsize=8)
@@ -57,11 +62,11 @@ def sm_count(device: torch.device) -> int:
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int,
                       cfg: DecodeConfig = DecodeConfig()) -> int:
-    """How many ranges to cut each context into: enough programs for ``cfg.waves`` per SM,
-    but no range shorter than ``cfg.min_tokens_per_split`` (the partial results and the
-    merge cost more than they save on short ranges)."""
+    """How many ranges to cut each context into: the nearest count that gives about
+    ``cfg.waves`` programs per SM (so batch x KV heads >= ~half that already runs unsplit),
+    with no range shorter than ``cfg.min_tokens_per_split`` tokens."""
     programs = max(1, batch * num_kv_heads)
-    wanted = math.ceil(cfg.waves * num_sms / programs)
+    wanted = int(cfg.waves * num_sms / programs + 0.5)
     by_length = max(1, max_context // cfg.min_tokens_per_split)
     return max(1, min(wanted, by_length, MAX_SPLITS))
 
@@ -77,10 +82,14 @@ def _decode_kernel(
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    if USE_PDL:
+        # Let the merge kernel be scheduled now; it waits (gdc_wait) for our results.
+        gdc_launch_dependents()
     ctx = tl.load(ctx_ptr + b)
     if SPLIT:
         tiles_per_split = tl.cdiv(tl.cdiv(ctx, BLOCK_N), num_splits)
@@ -111,17 +120,21 @@ def _decode_kernel(
         tmask = t < end
         page = tl.load(bt_row + t // PAGE, mask=tmask, other=0).to(tl.int64)
         off = page * stride_blk + (t % PAGE) * stride_tok
-        kv_mask = tmask[:, None] & dmask[None, :]
+        if EVEN_D:
+            kv_mask = tmask[:, None]
+        else:
+            kv_mask = tmask[:, None] & dmask[None, :]
         k = tl.load(k_base + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(k_base + stride_kv + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         s = tl.where(tmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # Scores stay unscaled; the scale folds into one FMA inside the exp2 argument.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -145,9 +158,12 @@ def _merge_kernel(
     mid_o_ptr, mid_lse_ptr, out_ptr,
     stride_ob, stride_oh, num_heads, num_splits,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
+    if USE_PDL:
+        gdc_wait()  # launched early (programmatic dependent launch): wait for the partials
     s = tl.arange(0, BLOCK_S)
     smask = s < num_splits
     d = tl.arange(0, BLOCK_D)
@@ -188,6 +204,7 @@ def decode_attention_out(
         splits = choose_num_splits(batch, num_kv_heads, block_tables.shape[1] * page,
                                    sm_count(q.device), cfg)
     upcast = q.device.type != "cuda"  # the interpreter's dot on bf16 is wrong: use fp32
+    pdl = cfg.pdl and not upcast  # the interpreter has no grid dependency control
     precision = "ieee" if (q.dtype == torch.float32 or upcast) else "tf32"
     block_h = max(16, triton.next_power_of_2(group))
     block_d = triton.next_power_of_2(head_dim)
@@ -206,13 +223,14 @@ def decode_attention_out(
         splits,
         GROUP=group, BLOCK_H=block_h, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, BLOCK_D=block_d,
         PAGE=page, SPLIT=splits > 1, UPCAST=upcast, PRECISION=precision,
+        EVEN_D=block_d == head_dim, USE_PDL=pdl and splits > 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits > 1:
         _merge_kernel[(batch, num_heads)](
             mid_o, mid_lse, out, out.stride(0), out.stride(1), num_heads, splits,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
-            num_warps=4,
+            USE_PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}),
         )
     return out
 

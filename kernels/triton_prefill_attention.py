@@ -37,7 +37,7 @@ def _attend_tile(
     lo, hi, pos, ctx, qk_scale,
     d, dmask,
     MASKED: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
     for n in range(lo, hi, BLOCK_N):
@@ -45,28 +45,34 @@ def _attend_tile(
         if MASKED:
             tmask = t < ctx
             page = tl.load(bt_row + t // PAGE, mask=tmask, other=0).to(tl.int64)
+            if EVEN_D:
+                kv_mask = tmask[:, None]
+            else:
+                kv_mask = tmask[:, None] & dmask[None, :]
         else:
             page = tl.load(bt_row + t // PAGE).to(tl.int64)
+            kv_mask = dmask[None, :]  # unused when EVEN_D: those loads take no mask
         off = page * stride_blk + (t % PAGE) * stride_tok
         ptrs = k_base + off[:, None] + d[None, :]
-        if MASKED:
-            k = tl.load(ptrs, mask=tmask[:, None] & dmask[None, :], other=0.0)
+        if MASKED or not EVEN_D:
+            k = tl.load(ptrs, mask=kv_mask, other=0.0)
         else:
-            k = tl.load(ptrs, mask=dmask[None, :], other=0.0)
+            k = tl.load(ptrs)
         if UPCAST:
             k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASKED:
             visible = (t[None, :] <= pos[:, None]) & (t[None, :] < ctx)
             s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # Scores stay unscaled; the scale folds into one FMA inside the exp2 argument.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if MASKED:
-            v = tl.load(ptrs + stride_kv, mask=tmask[:, None] & dmask[None, :], other=0.0)
+        if MASKED or not EVEN_D:
+            v = tl.load(ptrs + stride_kv, mask=kv_mask, other=0.0)
         else:
-            v = tl.load(ptrs + stride_kv, mask=dmask[None, :], other=0.0)
+            v = tl.load(ptrs + stride_kv)
         if UPCAST:
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -83,7 +89,7 @@ def _prefill_kernel(
     stride_bt, stride_ot, stride_oh,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     h = tl.program_id(0)
     m_tile = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -118,11 +124,11 @@ def _prefill_kernel(
     acc, m_i, l_i = _attend_tile(
         acc, m_i, l_i, q, k_base, stride_kv, bt_row, stride_blk, stride_tok,
         0, full_end, pos, ctx, qk_scale, d, dmask,
-        False, BLOCK_N, PAGE, UPCAST, PRECISION)
+        False, BLOCK_N, PAGE, UPCAST, PRECISION, EVEN_D)
     acc, m_i, l_i = _attend_tile(
         acc, m_i, l_i, q, k_base, stride_kv, bt_row, stride_blk, stride_tok,
         full_end, hi, pos, ctx, qk_scale, d, dmask,
-        True, BLOCK_N, PAGE, UPCAST, PRECISION)
+        True, BLOCK_N, PAGE, UPCAST, PRECISION, EVEN_D)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -160,7 +166,7 @@ def prefill_attention_out(
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=num_heads // num_kv_heads, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), PAGE=kv_cache.shape[2],
-        UPCAST=upcast, PRECISION=precision,
+        UPCAST=upcast, PRECISION=precision, EVEN_D=triton.next_power_of_2(head_dim) == head_dim,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

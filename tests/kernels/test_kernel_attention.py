@@ -86,3 +86,25 @@ def test_prefill_bf16_through_the_dispatcher_with_default_tiles(gen, rel_err, pa
     ref = reference.paged_prefill_attention(q, kv.kv_cache, kv.block_tables, cu,
                                             kv.context_lens, 0.2)
     assert rel_err(out, ref) < 1e-2
+
+
+def test_decode_and_prefill_with_a_head_dim_that_is_not_a_power_of_two(gen, rel_err,
+                                                                        paged_kv):
+    dim = 48
+    kv = paged_kv([21, 50], 16, 2, dim, torch.float32, gen)
+    q = torch.randn(2, 4, dim, generator=gen)
+    for splits in (1, 2):
+        out = torch.full_like(q, float("nan"))
+        decode_attention_out(q, kv.kv_cache, kv.block_tables, kv.context_lens, 0.15, out,
+                             DecodeConfig(block_n=16, num_splits=splits))
+        want = reference.paged_decode_attention(q, kv.kv_cache, kv.block_tables,
+                                                kv.context_lens, 0.15)
+        assert rel_err(out, want) < 1e-3
+    cu = torch.tensor([0, 6, 26], dtype=torch.int32)
+    qp = torch.randn(26, 4, dim, generator=gen)
+    out = torch.full_like(qp, float("nan"))
+    prefill_attention_out(qp, kv.kv_cache, kv.block_tables, cu, kv.context_lens, 0.15, out,
+                          PrefillConfig(block_m=16, block_n=16))
+    want = reference.paged_prefill_attention(qp, kv.kv_cache, kv.block_tables, cu,
+                                             kv.context_lens, 0.15)
+    assert rel_err(out, want) < 1e-3
