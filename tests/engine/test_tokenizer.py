@@ -19,7 +19,8 @@ def tok(tiny_model: Path):
     return load_tokenizer(tiny_model)
 
 
-def stream(tok, text: str, chunk: int = 1, **kwargs) -> tuple[list[str], str, IncrementalDetokenizer]:
+def stream(tok, text: str, chunk: int = 1, **kwargs
+           ) -> tuple[list[str], str, IncrementalDetokenizer]:
     """Detokenize ``text``'s tokens ``chunk`` at a time; the pieces, the flush, the detok."""
     ids = tok.encode(text)
     detok = IncrementalDetokenizer(tok, tok.encode("Say: "), **kwargs)

@@ -1,0 +1,115 @@
+"""Routing: least-loaded decode pod, fewest outstanding prefill tokens, unhealthy pods out.
+
+The policy is tested on ``router.pools.Pools`` directly (plain objects, no network), then
+through a real router process over two scripted decode pods, a dead one and prefill pods.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from protos import pdserve_pb2 as pb
+from router.errors import APIError
+from router.pools import Pod, Pools, Role
+from router_helpers import RouterProcess, free_port, start_router
+from scripted_decode import ScriptedPod, start_load_only_prefill, start_scripted_pod
+
+
+def pod(role: Role, name: str, healthy: bool | None = True, **report: int) -> Pod:
+    return Pod(role, name, channel=None, stub=None, health=None, healthy=healthy,
+               report=pb.LoadReport(**report) if report else None)
+
+
+def test_decode_pick_prefers_fewest_requests_then_most_free_blocks() -> None:
+    pools = Pools([pod(Role.DECODE, "busy", running=3, free_blocks=900),
+                   pod(Role.DECODE, "full", running=1, free_blocks=10),
+                   pod(Role.DECODE, "roomy", running=1, free_blocks=500),
+                   pod(Role.DECODE, "queued", running=0, waiting=2, free_blocks=999)], [])
+    assert pools.pick_decode().address == "roomy"
+
+
+def test_requests_sent_since_the_last_poll_spread_a_burst() -> None:
+    pools = Pools([pod(Role.DECODE, f"d{i}", running=0, free_blocks=100) for i in range(4)], [])
+    picks = []
+    for _ in range(8):
+        chosen = pools.pick_decode()
+        pools.lease(chosen, None, 10)
+        picks.append(chosen.address)
+    assert Counter(picks) == {"d0": 2, "d1": 2, "d2": 2, "d3": 2}
+
+
+def test_unhealthy_pods_are_skipped_and_none_left_is_a_503() -> None:
+    pools = Pools([pod(Role.DECODE, "down", healthy=False, running=0, free_blocks=100),
+                   pod(Role.DECODE, "up", running=5, free_blocks=1)], [])
+    assert pools.pick_decode().address == "up"
+    with pytest.raises(APIError) as info:
+        pools.pick_decode(frozenset({"up"}))
+    assert info.value.status == 503
+
+
+def test_prefill_pick_counts_outstanding_tokens_and_the_routers_own() -> None:
+    a = pod(Role.PREFILL, "a", outstanding_prefill_tokens=100)
+    b = pod(Role.PREFILL, "b", outstanding_prefill_tokens=300)
+    d = pod(Role.DECODE, "d", running=0)
+    pools = Pools([d], [a, b])
+    assert pools.pick_prefill() is a
+    lease = pools.lease(d, a, 250)  # a: 350 now, counting what the router just sent
+    assert pools.pick_prefill() is b
+    pools.release(lease)
+    pools.release(lease)  # releasing twice is harmless
+    assert (a.in_flight, d.in_flight) == (0, 0)
+    b.healthy = False
+    a.healthy = False
+    assert pools.pick_prefill() is None  # the decode pod then prefills locally
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[tuple[RouterProcess, list[ScriptedPod], str]]:
+    from engine.tokenizer import load_tokenizer
+
+    eos = load_tokenizer(tiny_model).eos_token_id
+    pods = [start_scripted_pod(eos), start_scripted_pod(eos)]
+    idle_prefill, idle_server = start_load_only_prefill(0)
+    busy_prefill, busy_server = start_load_only_prefill(10_000)
+    dead = f"127.0.0.1:{free_port()}"
+    router = start_router(tiny_model, [pods[0].address, dead, pods[1].address],
+                          tmp_path_factory.mktemp("router-routing"),
+                          "--prefill", f"{busy_prefill},{idle_prefill}")
+    yield router, pods, idle_prefill
+    router.stop()
+    for p in pods:
+        p.stop()
+    idle_server.stop(grace=None)
+    busy_server.stop(grace=None)
+
+
+def test_concurrent_requests_spread_over_healthy_pods_only(cluster) -> None:
+    router, pods, idle_prefill = cluster
+    for p in pods:
+        p.script.delay = 0.05  # long enough that the requests overlap
+    body = {"prompt": "spread me around", "max_tokens": 8, "stream": True}
+
+    def one(_: int) -> tuple[int, str]:
+        r = httpx.post(f"{router.url}/v1/completions", json=body, timeout=30.0)
+        return r.status_code, r.text
+
+    with concurrent.futures.ThreadPoolExecutor(8) as ex:
+        results = list(ex.map(one, range(8)))
+    assert all(status == 200 and text.endswith("data: [DONE]\n\n") for status, text in results)
+    counts = [len(p.script.requests) for p in pods]
+    assert sum(counts) == 8 and min(counts) >= 2, counts
+    # Every request names the prefill pod with the fewest outstanding tokens.
+    assert {r.prefill_endpoint for p in pods for r in p.script.requests} == {idle_prefill}
+    view = httpx.get(f"{router.url}/pools", timeout=10.0).json()["pods"]
+    health = {(p["pool"], p["healthy"]) for p in view}
+    assert sorted(p["healthy"] for p in view if p["pool"] == "decode") == [False, True, True]
+    assert ("prefill", True) in health
+    assert all(p["running"] == 0 and p["router_in_flight"] == 0
+               for p in view if p["healthy"] and p["pool"] == "decode")
