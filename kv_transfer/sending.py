@@ -30,6 +30,7 @@ class BaseSendHandle(SendHandle):
         self.layout = layout
         self.num_blocks = len(target.block_ids)
         self.layer_bytes = layout.packed_layer_bytes(self.num_blocks)
+        self._fingerprint = layout.fingerprint  # hashed on every access: compute once
         self._lock = threading.Lock()
         self._sent = bytearray(layout.num_layers)
         self._num_sent = 0
@@ -56,7 +57,7 @@ class BaseSendHandle(SendHandle):
         header = FrameHeader(
             kind=FrameKind.DATA, transfer_id=self.transfer_id, layer=layer,
             num_layers=self.layout.num_layers, payload_bytes=self.layer_bytes,
-            fingerprint=self.layout.fingerprint, dtype=self.layout.dtype,
+            fingerprint=self._fingerprint, dtype=self.layout.dtype,
         )
         self._transmit(header, packed)
 
@@ -118,4 +119,6 @@ def mismatch_reason(target: KVTargetSpec, layout: KVLayout) -> str | None:
 
 def as_bytes(packed: torch.Tensor) -> torch.Tensor:
     """A packed layer as a flat uint8 tensor on its own device (no copy if contiguous)."""
-    return packed.detach().contiguous().view(torch.uint8).reshape(-1)
+    if packed.requires_grad:
+        packed = packed.detach()
+    return packed.contiguous().view(torch.uint8).view(-1)

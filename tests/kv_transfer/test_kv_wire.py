@@ -155,3 +155,15 @@ def test_decode_of_random_bytes_only_ever_raises_kv_transfer_error() -> None:
     for _ in range(500):
         with pytest.raises(KVTransferError):
             FrameHeader.decode(MAGIC[:rng.randint(0, 3)] + rng.randbytes(HEADER_SIZE)[:HEADER_SIZE])
+
+
+def test_scatter_into_a_non_contiguous_cache_view_takes_the_generic_path() -> None:
+    layout = make_layout()
+    wide = random_caches(make_layout(head_dim=16), 6, seed=7)[0]
+    dst = wide[..., :8]  # a strided view: the byte-view fast path must not be used
+    assert not dst.is_contiguous()
+    before = wide.clone()
+    src = random_caches(layout, 3, seed=8)[0]
+    scatter_layer(dst, [5, 1], pack_layer(src, [0, 2]))
+    assert torch.equal(wide[:, [5, 1], ..., :8], src[:, [0, 2]])
+    assert torch.equal(wide[..., 8:], before[..., 8:])
