@@ -56,6 +56,28 @@ class RouterState:
         return self.pools
 
 
+class _APIKeyMiddleware:
+    """401 for /v1/* without ``Authorization: Bearer <key>``.
+
+    Plain ASGI rather than ``@app.middleware``: Starlette's BaseHTTPMiddleware would put
+    every SSE chunk through an extra task and memory stream.
+    """
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = APIError(401, "Incorrect API key provided.",
+                                    "invalid_request_error", code="invalid_api_key").response()
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class _Disconnected(Exception):
     pass
 
@@ -124,15 +146,8 @@ def build_app(info: ModelInfo, config: RouterConfig) -> FastAPI:
     app.state.router = state
     install_handlers(app)
 
-    @app.middleware("http")
-    async def api_key(request: Request, call_next: Callable) -> Response:
-        if config.api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            expected = f"Bearer {config.api_key}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                return APIError(401, "Incorrect API key provided.", "invalid_request_error",
-                                code="invalid_api_key").response()
-        return await call_next(request)
+    if config.api_key:
+        app.add_middleware(_APIKeyMiddleware, api_key=config.api_key)
 
     def model_card() -> dict:
         return {"id": info.name, "object": "model", "created": 0, "owned_by": "pdserve",

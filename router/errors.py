@@ -81,8 +81,8 @@ def from_validation(exc: ValidationError | RequestValidationError) -> APIError:
 
 
 # Type tags pydantic puts into union error locations.
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none",
-              "function-after", "function-before", "function-wrap"}
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none",
+              "function-after", "function-before", "function-wrap"})
 
 
 def install_handlers(app: FastAPI) -> None:

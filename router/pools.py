@@ -26,7 +26,7 @@ from router.errors import APIError
 
 # Messages carry token ids and logprobs only, but a batch of n long sequences with top-20
 # logprobs can pass gRPC's 4 MiB default.
-_CHANNEL_OPTIONS = [
+_CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     # A pod that is down (or not up yet, as under `pdserve up`) must be retried within about
@@ -34,7 +34,7 @@ _CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
-]
+)
 
 
 class Role(enum.Enum):
@@ -107,8 +107,8 @@ class Pools:
     poll_interval: float = 0.5
     poll_timeout: float = 1.0
     on_poll: list = field(default_factory=list)  # callbacks(pods) after each poll (metrics)
-    _turn: int = 0
-    _task: asyncio.Task | None = None
+    _turn: int = field(default=0, init=False)  # rotates ties between equally loaded pods
+    _task: asyncio.Task | None = field(default=None, init=False)
 
     @classmethod
     def connect(cls, decode: list[str], prefill: list[str], poll_interval: float = 0.5

@@ -299,3 +299,11 @@ def test_pools_and_metrics_after_requests(http, script, client) -> None:
     ttft_count = next(line for line in text.splitlines()
                       if line.startswith("pdserve:time_to_first_token_seconds_count"))
     assert float(ttft_count.split()[-1]) >= 1
+
+
+def test_echo_prepends_the_prompt_streamed_or_not(http) -> None:
+    body = {"prompt": ASCII, "max_tokens": 3, "echo": True}
+    whole = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert whole.startswith(ASCII) and len(whole) > len(ASCII)
+    events = sse_events(http.post("/v1/completions", json={**body, "stream": True}))
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == whole
