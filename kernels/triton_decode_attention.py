@@ -34,17 +34,24 @@ MAX_SPLITS = 64
 
 @dataclass(frozen=True, slots=True)
 class DecodeConfig:
-    """Launch shape. ``num_splits=None`` lets choose_num_splits decide."""
+    """Launch shapes (tuned on an H200, bench/GPU_NOTES.md). ``num_splits=None`` lets
+    choose_num_splits decide; the split path has its own tile shape because its programs
+    are short (a tile or two each) and should all be resident at once."""
 
     block_n: int = 64
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
+    split_block_n: int = 64
+    split_num_warps: int = 4
+    split_num_stages: int = 1
     num_splits: int | None = None
+    # Split s takes tiles s, s + S, s + 2S, ...: its first tile's block-table entries can
+    # be read before the context length arrives (one memory round trip fewer).
+    interleave: bool = True
     # Launch the merge kernel with programmatic dependent launch (Hopper+), hiding its
     # launch latency behind the split kernel's tail.
     pdl: bool = False
-    # Heuristic knobs, from the split sweep on an H200 (bench/GPU_NOTES.md): about four
-    # programs per SM, and no range shorter than one tile.
+    # About four programs per SM, and no range shorter than one tile.
     waves: float = 4.0
     min_tokens_per_split: int = 64
 
@@ -72,17 +79,41 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: 
 
 
 @triton.jit
+def _attend_tile(acc, m_i, l_i, q, k_base, stride_kv, off, tmask, d, dmask, qk_scale,
+                 EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One tile of the online softmax; ``tmask`` must hold at least one live token."""
+    if EVEN_D:
+        kv_mask = tmask[:, None]
+    else:
+        kv_mask = tmask[:, None] & dmask[None, :]
+    k = tl.load(k_base + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(k_base + stride_kv + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    s = tl.where(tmask[None, :], s, float("-inf"))
+    # Scores stay unscaled; the scale folds into one FMA inside the exp2 argument.
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s * qk_scale - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _decode_kernel(
     q_ptr, kv_ptr, bt_ptr, ctx_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
     qk_scale,
     stride_qb, stride_qh,
     stride_kv, stride_blk, stride_tok, stride_kh,
     stride_bt, stride_ob, stride_oh,
-    num_splits,
+    num_splits, max_blocks,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
-    SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    EVEN_D: tl.constexpr, USE_PDL: tl.constexpr,
+    SPLIT: tl.constexpr, INTERLEAVE: tl.constexpr, UPCAST: tl.constexpr,  # INTERLEAVE: SPLIT
+    PRECISION: tl.constexpr, EVEN_D: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -90,14 +121,13 @@ def _decode_kernel(
     if USE_PDL:
         # Let the merge kernel be scheduled now; it waits (gdc_wait) for our results.
         gdc_launch_dependents()
+    offs_n = tl.arange(0, BLOCK_N)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    if INTERLEAVE:
+        # Issued before the context length is known: table entries are always readable.
+        first = split * BLOCK_N + offs_n
+        first_page = tl.load(bt_row + tl.minimum(first // PAGE, max_blocks - 1)).to(tl.int64)
     ctx = tl.load(ctx_ptr + b)
-    if SPLIT:
-        tiles_per_split = tl.cdiv(tl.cdiv(ctx, BLOCK_N), num_splits)
-        start = split * tiles_per_split * BLOCK_N
-        end = tl.minimum(start + tiles_per_split * BLOCK_N, ctx)
-    else:
-        start = 0
-        end = ctx
 
     rows = tl.arange(0, BLOCK_H)
     heads = kvh * GROUP + rows
@@ -108,36 +138,35 @@ def _decode_kernel(
                 mask=hmask[:, None] & dmask[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     k_base = kv_ptr + kvh * stride_kh
-    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
-    offs_n = tl.arange(0, BLOCK_N)
-    for n in range(start, end, BLOCK_N):
+
+    if INTERLEAVE:
+        step = num_splits * BLOCK_N
+        end = ctx
+        if split * BLOCK_N < ctx:
+            off = first_page * stride_blk + (first % PAGE) * stride_tok
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, stride_kv, off, first < ctx,
+                                         d, dmask, qk_scale, EVEN_D, UPCAST, PRECISION)
+        start = split * BLOCK_N + step
+    else:
+        step = BLOCK_N
+        if SPLIT:
+            tiles_per_split = tl.cdiv(tl.cdiv(ctx, BLOCK_N), num_splits)
+            start = split * tiles_per_split * BLOCK_N
+            end = tl.minimum(start + tiles_per_split * BLOCK_N, ctx)
+        else:
+            start = 0
+            end = ctx
+    for n in range(start, end, step):
         t = n + offs_n
         tmask = t < end
         page = tl.load(bt_row + t // PAGE, mask=tmask, other=0).to(tl.int64)
         off = page * stride_blk + (t % PAGE) * stride_tok
-        if EVEN_D:
-            kv_mask = tmask[:, None]
-        else:
-            kv_mask = tmask[:, None] & dmask[None, :]
-        k = tl.load(k_base + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(k_base + stride_kv + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        s = tl.where(tmask[None, :], s, float("-inf"))
-        # Scores stay unscaled; the scale folds into one FMA inside the exp2 argument.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, stride_kv, off, tmask,
+                                     d, dmask, qk_scale, EVEN_D, UPCAST, PRECISION)
 
     # An empty range (a short sequence's later splits, or context 0) leaves l_i == 0.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -214,17 +243,20 @@ def decode_attention_out(
         mid_lse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
     else:
         mid_o = mid_lse = out  # unused
+    split = splits > 1
     _decode_kernel[(batch, num_kv_heads, splits)](
         q, kv_cache, block_tables, context_lens, out, mid_o, mid_lse,
         scale * _LOG2E,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        splits,
-        GROUP=group, BLOCK_H=block_h, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        PAGE=page, SPLIT=splits > 1, UPCAST=upcast, PRECISION=precision,
-        EVEN_D=block_d == head_dim, USE_PDL=pdl and splits > 1,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        splits, block_tables.shape[1],
+        GROUP=group, BLOCK_H=block_h, BLOCK_N=cfg.split_block_n if split else cfg.block_n,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page, SPLIT=split,
+        INTERLEAVE=cfg.interleave and split, UPCAST=upcast, PRECISION=precision,
+        EVEN_D=block_d == head_dim, USE_PDL=pdl and split,
+        num_warps=cfg.split_num_warps if split else cfg.num_warps,
+        num_stages=cfg.split_num_stages if split else cfg.num_stages,
     )
     if splits > 1:
         _merge_kernel[(batch, num_heads)](

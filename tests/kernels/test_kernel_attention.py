@@ -19,9 +19,10 @@ HEAD_DIM = 32
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("heads", [(4, 2), (2, 2)], ids=["gqa", "mha"])
-@pytest.mark.parametrize("num_splits", [1, 3], ids=["single", "split"])
-def test_decode_matches_reference(dtype, block_size, heads, num_splits, gen, rel_err,
-                                  paged_kv):
+@pytest.mark.parametrize("num_splits,interleave", [(1, False), (3, False), (3, True)],
+                         ids=["single", "split-ranges", "split-interleaved"])
+def test_decode_matches_reference(dtype, block_size, heads, num_splits, interleave, gen,
+                                  rel_err, paged_kv):
     hq, hk = heads
     # Ragged, ending mid-block, one exactly on a block edge, one shorter than a tile.
     lens = [block_size * 2 + 5, 3, block_size, 71]
@@ -29,14 +30,16 @@ def test_decode_matches_reference(dtype, block_size, heads, num_splits, gen, rel
     q = torch.randn(len(lens), hq, HEAD_DIM, generator=gen).to(dtype)
     out = torch.full_like(q, float("nan"))
     decode_attention_out(q, kv.kv_cache, kv.block_tables, kv.context_lens, 0.17, out,
-                         DecodeConfig(block_n=16, num_splits=num_splits))
+                         DecodeConfig(block_n=16, split_block_n=16, num_splits=num_splits,
+                                      interleave=interleave))
     ref = reference.paged_decode_attention(q, kv.kv_cache, kv.block_tables,
                                            kv.context_lens, 0.17)
     assert rel_err(out, ref) < TOL[dtype]
 
 
 def test_decode_bf16_through_the_dispatcher(gen, rel_err, paged_kv):
-    kv = paged_kv([40, 9], 16, 1, HEAD_DIM, torch.bfloat16, gen)  # MQA
+    # MQA; long enough that the default config splits (interpreter: 4 "SMs").
+    kv = paged_kv([140, 9], 16, 1, HEAD_DIM, torch.bfloat16, gen)
     q = torch.randn(2, 4, HEAD_DIM, generator=gen).to(torch.bfloat16)
     out = ops.paged_decode_attention(q, kv.kv_cache, kv.block_tables, kv.context_lens, 0.2)
     ref = reference.paged_decode_attention(q, kv.kv_cache, kv.block_tables,
@@ -93,10 +96,11 @@ def test_decode_and_prefill_with_a_head_dim_that_is_not_a_power_of_two(gen, rel_
     dim = 48
     kv = paged_kv([21, 50], 16, 2, dim, torch.float32, gen)
     q = torch.randn(2, 4, dim, generator=gen)
-    for splits in (1, 2):
+    for splits, interleave in ((1, True), (2, False), (2, True)):
         out = torch.full_like(q, float("nan"))
-        decode_attention_out(q, kv.kv_cache, kv.block_tables, kv.context_lens, 0.15, out,
-                             DecodeConfig(block_n=16, num_splits=splits))
+        cfg = DecodeConfig(block_n=16, split_block_n=16, num_splits=splits,
+                           interleave=interleave)
+        decode_attention_out(q, kv.kv_cache, kv.block_tables, kv.context_lens, 0.15, out, cfg)
         want = reference.paged_decode_attention(q, kv.kv_cache, kv.block_tables,
                                                 kv.context_lens, 0.15)
         assert rel_err(out, want) < 1e-3
