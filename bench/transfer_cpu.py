@@ -71,7 +71,7 @@ def send_all(sender: KVSender, address: str, kind: str, layout: KVLayout,
                                          layout.fingerprint), layout)
                for i, (_, dst) in enumerate(jobs)]
     for layer in range(layout.num_layers):  # layer-major, as the forward produces them
-        for handle, (src_ids, _) in zip(handles, jobs):
+        for handle, (src_ids, _) in zip(handles, jobs, strict=True):
             handle.send_layer(layer, pack_layer(src[layer], src_ids))
     for handle in handles:
         handle.finish(60)
@@ -103,7 +103,7 @@ def run_in_process(kind: str, layout: KVLayout, src: list[torch.Tensor],
 
 def check(src: list[torch.Tensor], dst: list[torch.Tensor],
           jobs: list[tuple[list[int], list[int]]]) -> None:
-    for s, d in zip(src, dst):
+    for s, d in zip(src, dst, strict=True):
         for src_ids, dst_ids in jobs:
             assert torch.equal(d[:, dst_ids], s[:, src_ids]), "bytes did not land exactly"
 
@@ -145,7 +145,7 @@ def run_two_processes(layout: KVLayout, src: list[torch.Tensor],
             seconds = send_all(sender, address, "tcp", layout, src, jobs, tag)
             landed = parent.recv()
             src_ids = jobs[0][0]
-            assert all(torch.equal(got, s[:, src_ids]) for got, s in zip(landed, src))
+            assert all(torch.equal(got, s[:, src_ids]) for got, s in zip(landed, src, strict=True))
             if rep:
                 times.append(seconds)
         parent.send(None)

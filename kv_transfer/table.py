@@ -10,10 +10,10 @@ returns, nothing more is written into that transfer's blocks, so the caller may 
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-import threading
 
 import numpy as np
 import torch
@@ -112,10 +112,24 @@ class TransferTable:
                     self._scatter(t, header, payload, early.source, early.reply)
         return pending
 
-    def deliver(self, header: FrameHeader, payload: torch.Tensor, source: object | None,
+    def room_for(self, header: FrameHeader) -> int:
+        """How many payload bytes of this DATA frame are worth reading into memory: its
+        expected layer size, or what is left of the early buffer. A transport discards a
+        larger payload unread and delivers None, so a peer's header cannot make the
+        receiver allocate what it claims."""
+        with self._lock:
+            if self._closed or header.transfer_id in self._finished:
+                return 0
+            t = self._active.get(header.transfer_id)
+            if t is not None:
+                return t.layer_bytes
+            return self._max_early_bytes - self._early_bytes
+
+    def deliver(self, header: FrameHeader, payload: torch.Tensor | None, source: object | None,
                 reply: Reply | None) -> None:
         """One DATA frame; ``payload`` is its bytes as a flat uint8 tensor (may be reused by
-        the caller afterwards: anything kept is copied)."""
+        the caller afterwards: anything kept is copied), or None if the transport discarded
+        it as too large (see ``room_for``)."""
         tid = header.transfer_id
         with self._lock:
             if self._closed:
@@ -131,8 +145,8 @@ class TransferTable:
                 self._scatter(t, header, payload, source, reply)
                 return
             early = self._early.get(tid)
-            size = payload.numel()
-            if self._early_bytes + size > self._max_early_bytes:
+            size = header.payload_bytes
+            if payload is None or self._early_bytes + size > self._max_early_bytes:
                 reason = (f"transfer {tid!r}: frames arrived before expect() and the early "
                           f"buffer ({self._max_early_bytes} bytes) is full")
                 self._drop_early(tid, reason, source, reply)
@@ -211,7 +225,7 @@ class TransferTable:
             self._early.clear()
             self._early_bytes = 0
 
-    def _scatter(self, t: _Active, header: FrameHeader, payload: torch.Tensor,
+    def _scatter(self, t: _Active, header: FrameHeader, payload: torch.Tensor | None,
                  source: object | None, reply: Reply | None) -> None:
         """Check one frame against the expected transfer, then write it (lock held)."""
         t.source, t.reply = source, reply
@@ -225,12 +239,13 @@ class TransferTable:
         elif header.dtype != layout.dtype or header.num_layers != layout.num_layers:
             problem = (f"frame says {header.num_layers} layers of {header.dtype}, the receiver "
                        f"expects {layout.num_layers} of {layout.dtype}")
-        elif header.payload_bytes != t.layer_bytes or payload.numel() != t.layer_bytes:
+        elif (header.payload_bytes != t.layer_bytes or payload is None
+              or payload.numel() != t.layer_bytes):
             problem = (f"layer of {header.payload_bytes} bytes, the receiver expects "
                        f"{t.layer_bytes} ({t.index.numel()} blocks)")
         elif t.received[header.layer]:
             problem = f"layer {header.layer} arrived twice"
-        if problem is None:
+        if problem is None and payload is not None:
             try:
                 if t.cpu_views is not None and payload.device.type == "cpu":
                     # Per frame, skip scatter_layer's checks and views: done once in expect().

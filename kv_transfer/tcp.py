@@ -231,12 +231,20 @@ class TcpReceiver(KVReceiver):
         header = bytearray(HEADER_SIZE)
         staging = torch.empty(0, dtype=torch.uint8)
         staging_view = memoryview(b"")
+        scratch: memoryview | None = None
         reply = self._replier(conn)
         try:
             while await _recv_into(loop, conn.sock, memoryview(header), eof_ok=True):
                 frame = FrameHeader.decode(header)
                 size = frame.payload_bytes
-                if frame.kind == FrameKind.DATA:
+                if frame.kind == FrameKind.DATA and size > self._table.room_for(frame):
+                    scratch = scratch or memoryview(bytearray(1 << 20))
+                    while size:  # read and drop, to stay in step with the stream
+                        chunk = min(size, len(scratch))
+                        await _recv_into(loop, conn.sock, scratch[:chunk])
+                        size -= chunk
+                    self._table.deliver(frame, None, conn, reply)
+                elif frame.kind == FrameKind.DATA:
                     if staging.numel() < size:  # grows to the largest layer seen, then reused
                         staging = torch.empty(size, dtype=torch.uint8)
                         staging_view = memoryview(staging.numpy())
@@ -329,7 +337,7 @@ class _Link:
             await self._wait_for_work()
             try:
                 sock = await self._connect(loop)
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 self.fail(lambda h: True, f"cannot connect: {exc!r}")
                 self.queue.clear()
                 continue
@@ -346,7 +354,7 @@ class _Link:
                 await asyncio.gather(*tasks, return_exceptions=True)
                 sock.close()
             why = repr(errors[0]) if errors else "closed by the receiver"
-            self.fail(lambda h: h._gen == gen, f"connection lost ({why})")
+            self.fail(lambda h, gen=gen: h._gen == gen, f"connection lost ({why})")
 
     async def _wait_for_work(self) -> None:
         """Until an item that deserves a connection is at the head of the queue."""

@@ -49,7 +49,7 @@ def landed(dst: list[torch.Tensor], dst_ids: Sequence[int], src: list[torch.Tens
 
 
 def untouched(dst: list[torch.Tensor], before: list[torch.Tensor]) -> bool:
-    return all(torch.equal(a, b) for a, b in zip(dst, before))
+    return all(torch.equal(a, b) for a, b in zip(dst, before, strict=True))
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
@@ -69,7 +69,7 @@ def test_every_layer_lands_exactly_in_the_reserved_blocks(connector_pair: Pair, 
     got = pending.wait(10)
     assert landed(dst, dst_ids, src, src_ids)
     others = [b for b in range(20) if b not in dst_ids]
-    assert all(torch.equal(d[:, others], b[:, others]) for d, b in zip(dst, before))
+    assert all(torch.equal(d[:, others], b[:, others]) for d, b in zip(dst, before, strict=True))
     expected_bytes = layout.num_layers * layout.packed_layer_bytes(len(src_ids))
     assert sent.bytes == got.bytes == expected_bytes
     assert sent.seconds > 0 and got.seconds > 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -32,7 +31,7 @@ def transfer(sender: TcpSender, receiver: TcpReceiver, tid: str, layout: KVLayou
         handle.send_layer(layer, pack_layer(src[layer], [0, 2]))
     handle.finish(timeout)
     pending.wait(timeout)
-    assert all(torch.equal(d[:, [3, 1]], s[:, [0, 2]]) for d, s in zip(dst, src))
+    assert all(torch.equal(d[:, [3, 1]], s[:, [0, 2]]) for d, s in zip(dst, src, strict=True))
 
 
 def raw_connection(address: str) -> socket.socket:
@@ -90,7 +89,44 @@ def test_a_data_frame_for_an_unknown_id_writes_nothing(closing: list) -> None:
     assert reply.kind == FrameKind.ERROR and reply.transfer_id == "stranger"
     sock.close()
     assert not pending.done()
-    assert all(torch.equal(a, b) for a, b in zip(dst, before))
+    assert all(torch.equal(a, b) for a, b in zip(dst, before, strict=True))
+
+
+def data_frame(layout: KVLayout, tid: str, layer: int, payload: bytes) -> bytes:
+    return FrameHeader(kind=FrameKind.DATA, transfer_id=tid, layer=layer,
+                       num_layers=layout.num_layers, payload_bytes=len(payload),
+                       fingerprint=layout.fingerprint, dtype=layout.dtype).encode() + payload
+
+
+def test_an_oversized_layer_is_read_past_rejected_and_the_stream_stays_in_step(
+        closing: list) -> None:
+    receiver = TcpReceiver()
+    closing.append(receiver)
+    layout = make_layout()
+    dst = random_caches(layout, 4, seed=50)
+    before = [kv.clone() for kv in dst]
+    big = receiver.expect("big", dst, [0], layout)
+    small = receiver.expect("small", dst, [1], layout)
+    src = random_caches(layout, 1, seed=51)
+    sock = raw_connection(receiver.address)
+    # 8 MiB where one block of 512 bytes is expected: read past, never allocated or written.
+    sock.sendall(data_frame(layout, "big", 0, bytes(8 << 20)))
+    for layer in range(layout.num_layers):
+        sock.sendall(data_frame(layout, "small", layer, pack_layer(src[layer], [0]).view(
+            torch.uint8).numpy().tobytes()))
+    replies = {}
+    for _ in range(2):
+        reply = FrameHeader.decode(sock.recv(HEADER_SIZE, socket.MSG_WAITALL))
+        if reply.payload_bytes:
+            sock.recv(reply.payload_bytes, socket.MSG_WAITALL)  # the reason, not needed here
+        replies[reply.transfer_id] = reply.kind
+    sock.close()
+    assert replies == {"big": FrameKind.ERROR, "small": FrameKind.ACK}
+    with pytest.raises(KVTransferError, match="expects"):
+        big.wait(5)
+    small.wait(5)
+    assert all(torch.equal(d[:, 0], b[:, 0]) for d, b in zip(dst, before, strict=True))
+    assert all(torch.equal(d[:, 1], s[:, 0]) for d, s in zip(dst, src, strict=True))
 
 
 def test_frames_nobody_expects_are_refused_after_the_grace_period(closing: list) -> None:
@@ -177,8 +213,7 @@ def test_factories_pick_the_backend_and_refuse_unknown_ones() -> None:
     assert isinstance(local, LocalReceiver) and local.address.startswith("local:")
     assert LocalHub().lookup(local.address) is None  # hubs share no state
     local.close()
-    tcp: Callable[[], object] = lambda: make_receiver("tcp", "127.0.0.1", 0)
-    receiver = tcp()
+    receiver = make_receiver("tcp", "127.0.0.1", 0)
     assert isinstance(receiver, TcpReceiver) and parse_address(receiver.address)[1] > 0
     receiver.close()
     for bad in (lambda: make_receiver("carrier-pigeon"), lambda: make_sender("nccl"),

@@ -7,6 +7,7 @@ import struct
 
 import pytest
 import torch
+from kvt_helpers import make_layout, random_caches
 
 from engine.errors import KVTransferError
 from kv_transfer.wire import (
@@ -20,7 +21,6 @@ from kv_transfer.wire import (
     pack_layer,
     scatter_layer,
 )
-from kvt_helpers import make_layout, random_caches
 
 pytestmark = pytest.mark.timeout(60)
 
