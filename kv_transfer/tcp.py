@@ -8,6 +8,12 @@ keeps one persistent connection per receiver address, multiplexes every request'
 over it, and reconnects after a failure; the receiver acknowledges each transfer once all
 its layers are in. Tensors travel through host memory: device tensors are copied to the
 CPU before sending and moved to the cache's device on scatter.
+
+On a connection (frames of wire.py): the sender writes DATA (one packed layer) and ABORT
+frames of any number of transfers, interleaved; the receiver answers each transfer once,
+ACK when every layer is scattered or ERROR (layout mismatch, rejected, cancelled, unknown,
+closed). A header the receiver cannot decode ends that connection only; a payload larger
+than the receiver can use is read past, not stored.
 """
 
 from __future__ import annotations
@@ -15,16 +21,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import threading
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from engine.errors import KVTransferError, LayoutMismatchError
 from engine.kv_layout import KVLayout
+from kv_transfer.aio import LoopThread, format_address, parse_address, recv_into, tune
 from kv_transfer.connector import (
     KVReceiver,
     KVSender,
@@ -44,104 +49,6 @@ from kv_transfer.wire import (
 )
 
 log = logging.getLogger(__name__)
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """``host:port`` (``[v6]:port`` for IPv6) -> (host, port); ValueError otherwise."""
-    host, sep, port = address.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad tcp KV address {address!r} (want host:port)")
-    return host, int(port)
-
-
-def format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class _LoopThread:
-    """An asyncio event loop running in a daemon thread."""
-
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._inbox: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
-        self._inbox_lock = threading.Lock()
-        self._wake_pending = False
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_forever()
-        finally:
-            tasks = asyncio.all_tasks(self.loop)
-            for task in tasks:
-                task.cancel()
-            self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
-            self.loop.close()
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> bool:
-        """Run ``fn(*args)`` on the loop soon, in call order; False if the loop is gone.
-
-        Calls made while a wake-up is pending ride on it: one self-pipe write per batch
-        rather than per layer (per-call wake-ups were a tenth of the sender's time)."""
-        with self._inbox_lock:
-            if self._stopped:
-                return False
-            self._inbox.append((fn, args))
-            if self._wake_pending:
-                return True
-            self._wake_pending = True
-        try:
-            self.loop.call_soon_threadsafe(self._drain)
-            return True
-        except RuntimeError:  # the loop is closed
-            return False
-
-    def _drain(self) -> None:
-        with self._inbox_lock:
-            batch = list(self._inbox)
-            self._inbox.clear()
-            self._wake_pending = False
-        for fn, args in batch:
-            try:
-                fn(*args)
-            except Exception:
-                log.exception("KV transfer loop: %s failed", getattr(fn, "__name__", fn))
-
-    def run(self, coro: Coroutine[Any, Any, Any], timeout: float) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        with self._inbox_lock:
-            self._stopped = True
-        try:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-        except RuntimeError:
-            pass
-        self._thread.join(timeout)
-
-
-async def _recv_into(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview,
-                     *, eof_ok: bool = False) -> bool:
-    """Fill ``view`` from ``sock``. False on a clean EOF before any byte (if ``eof_ok``)."""
-    got, total = 0, len(view)
-    while got < total:
-        n = await loop.sock_recv_into(sock, view[got:])
-        if n == 0:
-            if got == 0 and eof_ok:
-                return False
-            raise ConnectionError(f"peer closed the connection mid-frame ({got}/{total} bytes)")
-        got += n
-    return True
-
-
-def _tune(sock: socket.socket) -> None:
-    sock.setblocking(False)
-    # Acks and headers are small; do not let Nagle hold them back.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 @dataclass(slots=True, eq=False)
@@ -169,7 +76,7 @@ class TcpReceiver(KVReceiver):
         self._conns: set[_RecvConn] = set()  # loop thread only
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
-        self._io = _LoopThread(f"kv-recv-{self.address}")
+        self._io = LoopThread(f"kv-recv-{self.address}")
         self._io.call(self._start)
 
     def expect(self, transfer_id: str, kv_caches: list[torch.Tensor], block_ids: Sequence[int],
@@ -216,7 +123,7 @@ class TcpReceiver(KVReceiver):
                 log.warning("KV receiver %s: accept failed: %s", self.address, exc)
                 await asyncio.sleep(0.1)
                 continue
-            _tune(sock)
+            tune(sock)
             conn = _RecvConn(sock=sock, peer=str(peer), outbox=deque())
             conn.task = loop.create_task(self._serve(conn))
             self._conns.add(conn)
@@ -234,25 +141,25 @@ class TcpReceiver(KVReceiver):
         scratch: memoryview | None = None
         reply = self._replier(conn)
         try:
-            while await _recv_into(loop, conn.sock, memoryview(header), eof_ok=True):
+            while await recv_into(loop, conn.sock, memoryview(header), eof_ok=True):
                 frame = FrameHeader.decode(header)
                 size = frame.payload_bytes
                 if frame.kind == FrameKind.DATA and size > self._table.room_for(frame):
                     scratch = scratch or memoryview(bytearray(1 << 20))
                     while size:  # read and drop, to stay in step with the stream
                         chunk = min(size, len(scratch))
-                        await _recv_into(loop, conn.sock, scratch[:chunk])
+                        await recv_into(loop, conn.sock, scratch[:chunk])
                         size -= chunk
                     self._table.deliver(frame, None, conn, reply)
                 elif frame.kind == FrameKind.DATA:
                     if staging.numel() < size:  # grows to the largest layer seen, then reused
                         staging = torch.empty(size, dtype=torch.uint8)
                         staging_view = memoryview(staging.numpy())
-                    await _recv_into(loop, conn.sock, staging_view[:size])
+                    await recv_into(loop, conn.sock, staging_view[:size])
                     self._table.deliver(frame, staging[:size], conn, reply)
                 elif frame.kind == FrameKind.ABORT:
                     body = bytearray(size)
-                    await _recv_into(loop, conn.sock, memoryview(body))
+                    await recv_into(loop, conn.sock, memoryview(body))
                     self._table.abort(frame.transfer_id, frame.status, decode_message(body))
                 else:
                     raise KVTransferError(f"a sender sent a {frame.kind.name} frame")
@@ -378,7 +285,7 @@ class _Link:
         except BaseException:
             sock.close()
             raise
-        _tune(sock)
+        tune(sock)
         return sock
 
     async def _write(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
@@ -399,12 +306,12 @@ class _Link:
 
     async def _read(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
         header = bytearray(HEADER_SIZE)
-        while await _recv_into(loop, sock, memoryview(header), eof_ok=True):
+        while await recv_into(loop, sock, memoryview(header), eof_ok=True):
             frame = FrameHeader.decode(header)
             if frame.kind not in (FrameKind.ACK, FrameKind.ERROR):
                 raise KVTransferError(f"the receiver sent a {frame.kind.name} frame")
             body = bytearray(frame.payload_bytes)
-            await _recv_into(loop, sock, memoryview(body))
+            await recv_into(loop, sock, memoryview(body))
             handle = self.handles.pop(frame.transfer_id, None)
             if handle is None:
                 continue  # a late reply for a transfer already over here
@@ -438,7 +345,7 @@ class TcpSender(KVSender):
         self._connect_timeout = connect_timeout
         self._links: dict[str, _Link] = {}  # loop thread only
         self._closed = False
-        self._io = _LoopThread("kv-send")
+        self._io = LoopThread("kv-send")
 
     def begin(self, target: KVTargetSpec, layout: KVLayout) -> TcpSendHandle:
         check_target(target, layout)
