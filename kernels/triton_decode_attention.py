@@ -43,14 +43,15 @@ class DecodeConfig:
     num_stages: int = 3
     split_block_n: int = 64
     split_num_warps: int = 4
-    split_num_stages: int = 1
+    split_num_stages: int = 2  # 1 when every split holds a single tile (nothing to pipeline)
     num_splits: int | None = None
     # Split s takes tiles s, s + S, s + 2S, ...: its first tile's block-table entries can
     # be read before the context length arrives (one memory round trip fewer).
     interleave: bool = True
-    # Launch the merge kernel with programmatic dependent launch (Hopper+), hiding its
-    # launch latency behind the split kernel's tail.
-    pdl: bool = False
+    # Launch the merge kernel with programmatic dependent launch (Hopper+) when its grid
+    # (batch x query heads) fits beside the split kernel: it hides the merge's launch
+    # latency; a larger merge grid only squats on SMs the split kernel still needs.
+    pdl: bool = True
     # About four programs per SM, and no range shorter than one tile.
     waves: float = 4.0
     min_tokens_per_split: int = 64
@@ -233,7 +234,10 @@ def decode_attention_out(
         splits = choose_num_splits(batch, num_kv_heads, block_tables.shape[1] * page,
                                    sm_count(q.device), cfg)
     upcast = q.device.type != "cuda"  # the interpreter's dot on bf16 is wrong: use fp32
-    pdl = cfg.pdl and not upcast  # the interpreter has no grid dependency control
+    # (The interpreter has no grid dependency control.)
+    pdl = cfg.pdl and not upcast and batch * num_heads <= sm_count(q.device)
+    tiles_per_split = triton.cdiv(block_tables.shape[1] * page, splits * cfg.split_block_n)
+    split_stages = 1 if tiles_per_split <= 1 else cfg.split_num_stages
     precision = "ieee" if (q.dtype == torch.float32 or upcast) else "tf32"
     block_h = max(16, triton.next_power_of_2(group))
     block_d = triton.next_power_of_2(head_dim)
@@ -256,7 +260,7 @@ def decode_attention_out(
         INTERLEAVE=cfg.interleave and split, UPCAST=upcast, PRECISION=precision,
         EVEN_D=block_d == head_dim, USE_PDL=pdl and split,
         num_warps=cfg.split_num_warps if split else cfg.num_warps,
-        num_stages=cfg.split_num_stages if split else cfg.num_stages,
+        num_stages=split_stages if split else cfg.num_stages,
     )
     if splits > 1:
         _merge_kernel[(batch, num_heads)](
