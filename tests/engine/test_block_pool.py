@@ -384,11 +384,14 @@ def test_cached_prefix_blocks_are_reused_after_being_freed_and_freed_again(
 def test_prefix_counters_count_each_prompt_once_even_when_preempted_mid_prefill(
         tiny_model, make_prompts):
     # A tight pool and a small budget preempt prompts before their first token; their
-    # re-admission must not count them (or their own freed blocks) as new prefix queries.
+    # re-admission must not count them again, nor their own freed blocks as prefix hits.
     llm = LLM(tiny_model, num_kv_blocks=30, max_num_batched_tokens=32)
     prompts = make_prompts([1, 3, 15, 16, 17, 40, 64, 129, 250, 310], VOCAB, 36)
-    llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True))
+    results = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=64,
+                                                   ignore_eos=True))
     assert llm.engine.scheduler.num_preemptions > 0
     stats = llm.engine.pool.stats
-    assert stats.queried_tokens == sum(len(p) for p in prompts)
-    assert stats.hit_tokens == 0  # the prompts share no prefix
+    cached = [r.num_cached_tokens for r in results]
+    # the prompts share no prefix: nothing was served from the cache
+    assert (stats.queried_tokens, stats.hit_tokens, cached) == (
+        sum(len(p) for p in prompts), 0, [0] * len(prompts))

@@ -33,6 +33,10 @@ def _edit_config(src: Path, dst: Path, edit) -> Path:
     return dst
 
 
+def _yarn(cfg: dict) -> None:
+    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+
+
 def _unsupported(cfg: dict) -> None:
     cfg["architectures"] = ["GPT2LMHeadModel"]
     cfg["model_type"] = "gpt2"
@@ -52,6 +56,7 @@ def bad_dirs(tiny_model, tmp_path_factory) -> dict[str, Path]:
     dirs["missing_field"] = _edit_config(tiny_model, root / "missing-field",
                                          lambda c: c.pop("hidden_size"))
     dirs["unsupported"] = _edit_config(tiny_model, root / "unsupported", _unsupported)
+    dirs["unsupported_rope"] = _edit_config(tiny_model, root / "unsupported-rope", _yarn)
     dirs["no_weights"] = root / "no-weights"
     shutil.copytree(tiny_model, dirs["no_weights"])
     for weights in dirs["no_weights"].glob("*.safetensors"):
@@ -69,6 +74,7 @@ LOAD_ERRORS = [
     ("bad_json", ["config.json", "JSON"]),
     ("missing_field", ["hidden_size"]),
     ("unsupported", ["GPT2LMHeadModel", "LlamaForCausalLM"]),
+    ("unsupported_rope", ["rope_type", "yarn"]),
     ("no_weights", ["safetensors"]),
 ]
 

@@ -137,13 +137,15 @@ def test_n_greedy_copies_are_identical_and_equal_transformers(
     assert_idle(llama.engine)
 
 
-@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("n,length,budget", [(1, 100, 2048), (2, 100, 2048), (1, 300, 64)])
 def test_kv_prefilled_by_another_engine_decodes_exactly(
-        tiny_model, hf_greedy_cached, make_prompts, assert_idle, run_disaggregated, n):
-    """The decode pod's path: reserve blocks, copy a prefill engine's KV into them, go on."""
-    (prompt,) = make_prompts([100], VOCAB, 11)
+        tiny_model, hf_greedy_cached, make_prompts, assert_idle, run_disaggregated,
+        n, length, budget):
+    """The decode pod's path: reserve blocks, copy a prefill engine's KV into them, go on
+    (the prefill engine may compute the prompt in chunks)."""
+    (prompt,) = make_prompts([length], VOCAB, 11)
     params = SamplingParams(n=n, temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    prefill, decode = LLM(tiny_model), LLM(tiny_model)
+    prefill, decode = LLM(tiny_model, max_num_batched_tokens=budget), LLM(tiny_model)
     tokens, _ = run_disaggregated(prefill.engine, decode.engine, "r", prompt, params)
     (ref,) = hf_greedy_cached(tiny_model, [prompt], NEW_TOKENS)
     assert tokens == [ref] * n
@@ -151,7 +153,7 @@ def test_kv_prefilled_by_another_engine_decodes_exactly(
     assert_idle(decode.engine)
     # The remotely filled prompt blocks are registered: a local request reuses them.
     local = decode.generate([prompt], GREEDY)[0]
-    assert local.num_cached_tokens == 96
+    assert local.num_cached_tokens == (length - 1) // 16 * 16
     assert local.outputs[0].token_ids == ref
 
 

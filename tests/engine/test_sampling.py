@@ -206,6 +206,13 @@ def test_max_tokens_finishes_with_length(llm):
     assert len(out.token_ids) == 7 and out.finish_reason == "length"
 
 
+def test_the_context_limit_finishes_with_length(tiny_model):
+    llm = LLM(tiny_model, max_model_len=64)
+    out = llm.generate([list(range(60))], SamplingParams(temperature=0.0, max_tokens=100,
+                                                         ignore_eos=True))[0].outputs[0]
+    assert len(out.token_ids) == 4 and out.finish_reason == "length"
+
+
 def test_a_stop_token_id_ends_the_sequence_with_stop(llm, greedy_run):
     ids, _, idx = greedy_run
     params = SamplingParams(temperature=0.0, max_tokens=32, stop_token_ids=[ids[idx]])
