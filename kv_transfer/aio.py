@@ -106,6 +106,41 @@ async def recv_into(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: 
     return True
 
 
+async def send_buffers(loop: asyncio.AbstractEventLoop, sock: socket.socket,
+                       buffers: list[memoryview | bytes]) -> None:
+    """Write every buffer, in order, with vectored ``sendmsg`` calls on a non-blocking
+    socket, waiting for writability only when the kernel's buffer is full."""
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while views:
+        try:
+            sent = sock.sendmsg(views)
+        except (BlockingIOError, InterruptedError):
+            await _writable(loop, sock)
+            continue
+        while sent:
+            head = views[0]
+            if sent >= len(head):
+                sent -= len(head)
+                views.pop(0)
+            else:
+                views[0] = head[sent:]
+                sent = 0
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(sock.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(sock.fileno())
+
+
 def tune(sock: socket.socket) -> None:
     sock.setblocking(False)
     # Acks and headers are small; do not let Nagle hold them back.
