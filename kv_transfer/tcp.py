@@ -72,17 +72,24 @@ class _RecvConn:
 
 
 class TcpReceiver(KVReceiver):
-    """Listens on host:port (port 0: a free one); ``address`` is what senders dial."""
+    """Listens on host:port (port 0: a free one); ``address`` is what senders dial.
+
+    Bound to a wildcard host ("0.0.0.0", "::"), the address names this machine's own IP (its
+    hostname resolved, as a Kubernetes pod's is) unless ``advertise_host`` says otherwise.
+    """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, early_grace_s: float = 5.0,
-                 max_early_bytes: int = 256 << 20) -> None:
+                 max_early_bytes: int = 256 << 20, advertise_host: str | None = None) -> None:
         self._table = TransferTable(early_grace_s=early_grace_s,
                                     max_early_bytes=max_early_bytes)
         self._expire_every = max(0.05, min(0.5, early_grace_s / 4))
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._listener = socket.create_server((host, port), family=family, backlog=256)
+        dualstack = host == "::" and socket.has_dualstack_ipv6()
+        self._listener = socket.create_server((host, port), family=family, backlog=256,
+                                              dualstack_ipv6=dualstack)
         self._listener.setblocking(False)
-        self.address = format_address(host, self._listener.getsockname()[1])
+        self.address = format_address(advertise_host or _advertised(host),
+                                      self._listener.getsockname()[1])
         self._conns: set[_RecvConn] = set()  # loop thread only
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -211,6 +218,15 @@ class TcpReceiver(KVReceiver):
                 await send_buffers(loop, conn.sock, frames)
         except OSError as exc:  # the reading side notices and cleans up
             log.warning("KV receiver %s: reply to %s failed: %s", self.address, conn.peer, exc)
+
+
+def _advertised(host: str) -> str:
+    if host not in ("", "0.0.0.0", "::"):
+        return host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
 
 
 @dataclass(slots=True, eq=False)

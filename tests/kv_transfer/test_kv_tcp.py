@@ -198,6 +198,17 @@ def test_closing_the_sender_fails_its_unfinished_transfers(closing: list) -> Non
                      layout)
 
 
+def test_a_wildcard_bind_advertises_a_dialable_address(closing: list) -> None:
+    receiver, sender = TcpReceiver("0.0.0.0"), TcpSender()
+    closing.extend([receiver, sender])
+    host, _ = parse_address(receiver.address)
+    assert host not in ("0.0.0.0", "")
+    transfer(sender, receiver, "wild", make_layout(), seed=60)
+    named = TcpReceiver("0.0.0.0", advertise_host="kv.example")
+    closing.append(named)
+    assert named.address.startswith("kv.example:")
+
+
 def test_close_is_idempotent_and_frees_the_port() -> None:
     receiver = TcpReceiver()
     host, port = parse_address(receiver.address)
