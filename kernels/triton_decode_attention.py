@@ -9,18 +9,18 @@ that share it (GQA/MQA; MHA is a group of one), and streams the context in tiles
 token at a time, so any block_size works and a context may end mid-block.
 
 Split-KV (flash-decoding): when batch x KV heads is too few programs to fill the GPU, each
-sequence's context is cut into ``num_splits`` ranges that run as separate programs and
-write a partial (normalised output, log-sum-exp) pair; a second kernel merges them. The
-split count is picked on the host from shapes alone -- batch x KV heads vs the SM count,
-and the longest context the block table can hold -- and each sequence cuts its own context
-into that many ranges inside the kernel. Nothing reads a device value on the host, so the
-call can be captured in a CUDA graph.
+sequence's context is dealt out to ``num_splits`` programs (split s takes tiles s, s+S, ...)
+that each write a partial (normalised output, log-sum-exp) pair; a second kernel merges
+them, launched early by programmatic dependent launch when its grid is small. The split
+count is picked on the host from shapes alone -- batch x KV heads vs the SM count, and the
+longest context the block table can hold -- and each sequence deals out its own context
+inside the kernel. Nothing reads a device value on the host, so the call can be captured
+in a CUDA graph. Measurements behind the defaults: bench/GPU_NOTES.md.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch

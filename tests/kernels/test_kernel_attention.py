@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TOL
 from kernels import ops, reference
 from kernels.triton_decode_attention import (DecodeConfig, choose_num_splits,
                                              decode_attention_out)
@@ -22,7 +21,7 @@ HEAD_DIM = 32
 @pytest.mark.parametrize("num_splits,interleave", [(1, False), (3, False), (3, True)],
                          ids=["single", "split-ranges", "split-interleaved"])
 def test_decode_matches_reference(dtype, block_size, heads, num_splits, interleave, gen,
-                                  rel_err, paged_kv):
+                                  rel_err, paged_kv, tol):
     hq, hk = heads
     # Ragged, ending mid-block, one exactly on a block edge, one shorter than a tile.
     lens = [block_size * 2 + 5, 3, block_size, 71]
@@ -34,7 +33,7 @@ def test_decode_matches_reference(dtype, block_size, heads, num_splits, interlea
                                       interleave=interleave))
     ref = reference.paged_decode_attention(q, kv.kv_cache, kv.block_tables,
                                            kv.context_lens, 0.17)
-    assert rel_err(out, ref) < TOL[dtype]
+    assert rel_err(out, ref) < tol[dtype]
 
 
 def test_decode_bf16_through_the_dispatcher(gen, rel_err, paged_kv):
@@ -61,7 +60,7 @@ def test_split_heuristic_splits_small_batches_of_long_contexts_only():
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("heads", [(4, 2), (2, 2)], ids=["gqa", "mha"])
 def test_prefill_with_cached_prefix_matches_reference(dtype, block_size, heads, gen, rel_err,
-                                                      paged_kv):
+                                                      paged_kv, tol):
     hq, hk = heads
     # (new tokens, cached prefix): a fresh prompt, prefix hits ending mid-block and on a
     # block edge, a sequence with no new tokens, and one longer than a query tile.
@@ -76,7 +75,7 @@ def test_prefill_with_cached_prefix_matches_reference(dtype, block_size, heads, 
                           PrefillConfig(block_m=16, block_n=16))
     ref = reference.paged_prefill_attention(q, kv.kv_cache, kv.block_tables, cu,
                                             kv.context_lens, 0.21)
-    assert rel_err(out, ref) < TOL[dtype]
+    assert rel_err(out, ref) < tol[dtype]
 
 
 def test_prefill_bf16_through_the_dispatcher_with_default_tiles(gen, rel_err, paged_kv):

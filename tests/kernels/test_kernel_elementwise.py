@@ -8,23 +8,22 @@ import math
 import pytest
 import torch
 
-from conftest import TOL
 from kernels import ops, reference
 from kernels import triton_activation, triton_norm, triton_rope
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", [(5, 64), (2, 3, 48)])
-def test_rms_norm_matches_reference(dtype, shape, gen, rel_err):
+def test_rms_norm_matches_reference(dtype, shape, gen, rel_err, tol):
     x = torch.randn(shape, generator=gen).to(dtype)
     w = (1 + 0.1 * torch.randn(shape[-1], generator=gen)).to(dtype)
     out = torch.full(shape, float("nan"), dtype=dtype)
     triton_norm.rms_norm_out(x, w, 1e-5, out)
-    assert rel_err(out, reference.rms_norm(x, w, 1e-5)) < TOL[dtype]
+    assert rel_err(out, reference.rms_norm(x, w, 1e-5)) < tol[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fused_add_rms_norm_matches_reference_and_leaves_inputs(dtype, gen, rel_err):
+def test_fused_add_rms_norm_matches_reference_and_leaves_inputs(dtype, gen, rel_err, tol):
     x = torch.randn(7, 96, generator=gen).to(dtype)
     res = torch.randn(7, 96, generator=gen).to(dtype)
     w = (1 + 0.1 * torch.randn(96, generator=gen)).to(dtype)
@@ -33,8 +32,8 @@ def test_fused_add_rms_norm_matches_reference_and_leaves_inputs(dtype, gen, rel_
     summed = torch.full_like(x, float("nan"))
     triton_norm.fused_add_rms_norm_out(x, res, w, 1e-6, out, summed)
     ref_out, ref_sum = reference.fused_add_rms_norm(x, res, w, 1e-6)
-    assert rel_err(out, ref_out) < TOL[dtype]
-    assert rel_err(summed, ref_sum) < TOL[dtype]
+    assert rel_err(out, ref_out) < tol[dtype]
+    assert rel_err(summed, ref_sum) < tol[dtype]
     assert torch.equal(x, x0) and torch.equal(res, res0)
 
 
@@ -45,7 +44,7 @@ def _cos_sin_cache(max_pos: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_rope_rotates_views_of_a_fused_qkv_in_place(dtype, gen, rel_err):
+def test_rope_rotates_views_of_a_fused_qkv_in_place(dtype, gen, rel_err, tol):
     tokens, hq, hk, dim = 6, 4, 2, 32
     qkv = torch.randn(tokens, (hq + 2 * hk) * dim, generator=gen).to(dtype)
     q = qkv[:, : hq * dim].view(tokens, hq, dim)
@@ -56,8 +55,8 @@ def test_rope_rotates_views_of_a_fused_qkv_in_place(dtype, gen, rel_err):
     ref_q, ref_k = reference.rotary_embedding(q.clone(), k.clone(), positions, cache)
     out_q, out_k = triton_rope.rotary_embedding(q, k, positions, cache)
     assert out_q.data_ptr() == q.data_ptr() and out_k.data_ptr() == k.data_ptr()
-    assert rel_err(q, ref_q) < TOL[dtype]
-    assert rel_err(k, ref_k) < TOL[dtype]
+    assert rel_err(q, ref_q) < tol[dtype]
+    assert rel_err(k, ref_k) < tol[dtype]
     assert torch.equal(qkv[:, (hq + hk) * dim :], v_before), "v must be untouched"
 
 
@@ -71,11 +70,11 @@ def test_rope_at_position_zero_is_identity(gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_silu_and_mul_matches_reference(dtype, gen, rel_err):
+def test_silu_and_mul_matches_reference(dtype, gen, rel_err, tol):
     x = torch.randn(2, 3, 2 * 40, generator=gen).to(dtype)
     out = torch.full((2, 3, 40), float("nan"), dtype=dtype)
     triton_activation.silu_and_mul_out(x, out)
-    assert rel_err(out, reference.silu_and_mul(x)) < TOL[dtype]
+    assert rel_err(out, reference.silu_and_mul(x)) < tol[dtype]
 
 
 def test_dispatcher_runs_triton_under_the_interpreter(gen, rel_err):
