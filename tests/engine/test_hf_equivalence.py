@@ -157,6 +157,31 @@ def test_kv_prefilled_by_another_engine_decodes_exactly(
     assert local.outputs[0].token_ids == ref
 
 
+@pytest.mark.parametrize("block_size,num_kv_blocks,budget,max_num_seqs", [
+    (8, 24, 32, 4), (16, 16, 64, 256)])
+def test_a_mixed_workload_on_a_tight_engine_is_exact(
+        tiny_model, hf_greedy_cached, make_prompts, assert_idle,
+        block_size, num_kv_blocks, budget, max_num_seqs):
+    """Shared prefixes, n > 1 forks, chunked prefill and preemption all at once, in two
+    waves so that the second also reuses blocks cached by the first."""
+    bases = make_prompts([16, 40, 100], VOCAB, 13)
+    tails = make_prompts([5, 30, 1, 44, 17, 9, 60, 23, 2, 38], VOCAB, 14)
+    ps = [bases[i % 3] + tail if i % 4 else tail for i, tail in enumerate(tails)]
+    ns = [1, 2, 1, 3, 1, 1, 2, 1, 3, 1]
+    llm = LLM(tiny_model, block_size=block_size, num_kv_blocks=num_kv_blocks,
+              max_num_batched_tokens=budget, max_num_seqs=max_num_seqs)
+    refs = hf_greedy_cached(tiny_model, ps, 24)
+    for wave in (range(0, 10, 2), range(1, 10, 2)):
+        params = [SamplingParams(n=ns[i], temperature=0.0, max_tokens=24, ignore_eos=True)
+                  for i in wave]
+        results = llm.generate([ps[i] for i in wave], params)
+        for i, result in zip(wave, results):
+            assert [o.token_ids for o in result.outputs] == [refs[i]] * ns[i], i
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.pool.stats.hit_tokens > 0
+    assert_idle(llm.engine)
+
+
 def _rewrite_config(src: Path, dst: Path, edit) -> Path:
     shutil.copytree(src, dst)
     cfg = json.loads((dst / "config.json").read_text())
