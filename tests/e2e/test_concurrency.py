@@ -1,0 +1,100 @@
+"""2 prefill + 2 decode pods under 64 concurrent streaming requests.
+
+Every request completes with a finish reason and transformers' greedy tokens, both decode
+pods take a share (seen in ``GET /pools`` during the load), and afterwards ``GET /pools``
+shows every decode pod's free KV blocks back at their value before the load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from e2e_helpers import POD_ARGS, Stack, extra, start_stack
+from hf_reference import hf_greedy
+
+pytestmark = pytest.mark.timeout(300)
+
+REQUESTS = 64
+MAX_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def stack_2p2d(default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[Stack]:
+    with start_stack(default_model_dir, tmp_path_factory.mktemp("e2e-2p2d"),
+                     "--prefill", "2", "--decode", "2", "--pod-args", POD_ARGS) as s:
+        yield s
+
+
+def _prompts() -> list[list[int]]:
+    # 16 token-id prompts of 3 to 60 tokens (some fit one KV block, some span four), each
+    # sent 4 times: the references stay cheap and equal prompts run side by side
+    rng = random.Random(4)
+    unique = [[rng.randrange(3, 2000) for _ in range(rng.randint(3, 60))] for _ in range(16)]
+    return [unique[i % len(unique)] for i in range(REQUESTS)]
+
+
+async def _one(stack: Stack, client, prompt: list[int]) -> tuple[list[int], str | None]:
+    ids: list[int] = []
+    finish = None
+    stream = await client.completions.create(
+        model=stack.model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True,
+        extra_body={"ignore_eos": True, "return_token_ids": True})
+    async for chunk in stream:
+        for choice in chunk.choices:
+            ids += extra(choice, "token_ids") or []
+            finish = choice.finish_reason or finish
+    return ids, finish
+
+
+async def _load(stack: Stack, prompts: list[list[int]]) -> list[tuple[list[int], str | None]]:
+    async with stack.async_client() as client:
+        return await asyncio.gather(*(_one(stack, client, p) for p in prompts))
+
+
+def test_64_concurrent_streams_complete_and_free_every_block(stack_2p2d: Stack) -> None:
+    stack = stack_2p2d
+    pods = stack.pools()["pods"]
+    assert sorted(p["pool"] for p in pods) == ["decode", "decode", "prefill", "prefill"]
+    assert all(p["healthy"] for p in pods), pods
+    before = stack.decode_free_blocks()
+    prompts = _prompts()
+
+    busy: set[str] = set()  # decode pods seen running requests during the load
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            busy.update(p["address"] for p in stack.decode_pods() if p["running"])
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    started = time.monotonic()
+    try:
+        results = asyncio.run(_load(stack, prompts))
+    finally:
+        elapsed = time.monotonic() - started
+        done.set()
+        watcher.join(timeout=10)
+
+    assert all(finish == "length" for _, finish in results), [f for _, f in results]
+    unique = prompts[:16]
+    refs = dict(zip(map(tuple, unique), hf_greedy(stack.model_dir, unique, MAX_TOKENS)))
+    want = [refs[tuple(p)] for p in prompts]
+    wrong = [i for i, ((got, _), ref) in enumerate(zip(results, want)) if got != ref]
+    assert not wrong, f"{len(wrong)} of {REQUESTS} requests differ from transformers: {wrong}"
+
+    after = stack.wait_decode_free(before, timeout=5.0)
+    assert after == before, f"decode pods' free blocks {after} != before the load {before}"
+    pods = stack.pools()["pods"]
+    assert all(p["running"] == 0 and p["waiting"] == 0 for p in pods), pods
+    assert busy == set(before), f"only {busy} of the decode pods ran requests"
+    print(f"{REQUESTS} streams of {MAX_TOKENS} tokens in {elapsed:.1f} s")
