@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how KV arrives from prefill pods (none: always prefill locally)")
     parser.add_argument("--kv-port", type=int, default=0, help="KV receiver port (0: any free)")
     parser.add_argument("--min-remote-prefill-tokens", type=int, default=1,
-                        help="shorter prompts are prefilled here (conditional disaggregation)")
+                        help="prompts with fewer uncached tokens are prefilled here "
+                             "(conditional disaggregation)")
     parser.add_argument("--prefill-timeout", type=float, default=60.0)
     parser.add_argument("--metrics-port", type=int, default=-1,
                         help="Prometheus /metrics port (-1: off, 0: any free)")

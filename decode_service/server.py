@@ -65,8 +65,11 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             params = sampling_from_proto(request.sampling)
         except PdserveError as exc:
             await context.abort(status_of(exc), exc.message)
-        remote = (bool(request.prefill_endpoint) and self.receiver is not None
-                  and len(prompt) >= self.min_remote_prefill_tokens)
+        remote = bool(request.prefill_endpoint) and self.receiver is not None
+        if remote:  # conditional disaggregation: what is left to compute decides
+            cached = await self.engine.call(
+                lambda: self.engine.engine.cached_prefix_tokens(prompt))
+            remote = len(prompt) - cached >= self.min_remote_prefill_tokens
         outputs: AsyncIterator[RequestOutput] | None = None
         try:
             if remote:

@@ -24,6 +24,16 @@ def hash_block(parent: bytes | None, token_ids: Seq[int], salt: bytes = b"") -> 
     return h.digest()
 
 
+def prefix_hashes(token_ids: Seq[int], block_size: int, max_blocks: int) -> list[bytes]:
+    """Chained hashes of the first ``max_blocks`` full blocks of ``token_ids``."""
+    hashes: list[bytes] = []
+    parent = None
+    for b in range(min(max_blocks, len(token_ids) // block_size)):
+        parent = hash_block(parent, token_ids[b * block_size:(b + 1) * block_size])
+        hashes.append(parent)
+    return hashes
+
+
 @dataclass(slots=True)
 class PrefixStats:
     queried_tokens: int = 0
@@ -105,6 +115,14 @@ class BlockPool:
             self.ref_counts[block] += 1
             found.append(block)
         return found
+
+    def peek(self, hashes: Seq[bytes]) -> int:
+        """How many leading blocks are cached, without taking references."""
+        n = 0
+        if self.enable_prefix_caching:
+            while n < len(hashes) and hashes[n] in self.hash_to_block:
+                n += 1
+        return n
 
     def count_hit(self, queried: int, hit: int) -> None:
         self.stats.queried_tokens += queried

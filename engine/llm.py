@@ -88,16 +88,16 @@ class LLM:
             raise InvalidRequestError("give one SamplingParams, or one per prompt")
         encoded = [self.encode(p) for p in prompts]  # type: ignore[arg-type]
         tracks: dict[str, tuple[int, _Tracking]] = {}
-        for i, (ids, p) in enumerate(zip(encoded, plist)):
-            rid = f"llm-{next(self._ids)}"
-            self.engine.add_request(rid, ids, p)
-            tracks[rid] = (i, _Tracking(
-                ids, p,
-                [IncrementalDetokenizer(self.tokenizer, ids, p.stop, p.include_stop_str_in_output)
-                 for _ in range(p.n)],
-                [[] for _ in range(p.n)], [[] for _ in range(p.n)], [[] for _ in range(p.n)],
-                [None] * p.n, done=[False] * p.n))
-        try:
+        try:  # a refused prompt, an error or Ctrl-C must not leave earlier prompts queued
+            for i, (ids, p) in enumerate(zip(encoded, plist)):
+                rid = f"llm-{next(self._ids)}"
+                self.engine.add_request(rid, ids, p)
+                tracks[rid] = (i, _Tracking(
+                    ids, p,
+                    [IncrementalDetokenizer(self.tokenizer, ids, p.stop,
+                                            p.include_stop_str_in_output) for _ in range(p.n)],
+                    [[] for _ in range(p.n)], [[] for _ in range(p.n)],
+                    [[] for _ in range(p.n)], [None] * p.n, done=[False] * p.n))
             while self.engine.has_work():
                 for out in self.engine.step():
                     self._absorb(out, tracks, on_delta)

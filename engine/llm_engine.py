@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from engine.block_pool import BlockPool
+from engine.block_pool import BlockPool, prefix_hashes
 from engine.config import ModelConfig
 from engine.errors import CapacityError, InvalidRequestError
-from engine.kv_layout import KVLayout, num_blocks_for
+from engine.kv_layout import DTYPES, KVLayout, num_blocks_for
 from engine.model_runner import ModelRunner
 from engine.sampler import sample
 from engine.sampling_params import SamplingParams
@@ -45,6 +45,23 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True  # capture decode steps on CUDA
     seed: int = 0  # for requests without a seed of their own
+
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> None:
+            raise InvalidRequestError(f"engine argument {name}: {why}", param=name)
+
+        if self.dtype not in DTYPES:
+            bad("dtype", f"{self.dtype!r} is not one of {sorted(DTYPES)}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                bad(name, "must be at least 1")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            bad("num_kv_blocks", "must be at least 1 (or None to size it from memory)")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            bad("max_model_len", "must be at least 2")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            bad("gpu_memory_utilization", "must be in (0, 1]")
 
 
 @dataclass(slots=True)
@@ -83,6 +100,7 @@ class LLMEngine:
     def __init__(self, model_dir: str | Path, args: EngineArgs | None = None,
                  show_progress: bool = False) -> None:
         self.args = args = args or EngineArgs()
+        args.validate()
         self.model_dir = Path(model_dir)
         self.config = ModelConfig.from_dir(self.model_dir)
         self.max_model_len = self._max_model_len()
@@ -135,6 +153,9 @@ class LLMEngine:
                 f"the prompt has {len(prompt)} tokens; this model's context is "
                 f"{self.max_model_len} tokens, and at least one must be left to generate",
                 param="prompt")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab})",
+                                      param="stop_token_ids")
         room = self.max_model_len - len(prompt)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
@@ -184,6 +205,12 @@ class LLMEngine:
             self._append(req, seq, tok, lp)
             if not seq.is_finished:
                 self.scheduler.add_running(seq)
+
+    def cached_prefix_tokens(self, prompt_token_ids: list[int]) -> int:
+        """Prompt tokens this engine's prefix cache holds now (a peek: nothing reserved)."""
+        bs = self.args.block_size
+        hashes = prefix_hashes(prompt_token_ids, bs, (len(prompt_token_ids) - 1) // bs)
+        return self.pool.peek(hashes) * bs
 
     def seed_of(self, request_id: str) -> int:
         return self.requests[request_id].seqs[0].seed
@@ -266,7 +293,8 @@ class LLMEngine:
             params=parent.params, seed=parent.seed, token_ids=list(parent.token_ids),
             num_prompt_tokens=parent.num_prompt_tokens, max_tokens=parent.max_tokens,
             status=parent.status, num_computed_tokens=parent.num_computed_tokens,
-            num_cached_tokens=parent.num_cached_tokens, block_ids=list(parent.block_ids),
+            num_cached_tokens=parent.num_cached_tokens, admitted=True,
+            block_ids=list(parent.block_ids),
             block_hashes=list(parent.block_hashes), prefill_only=parent.prefill_only)
 
     def _fork(self, req: Request) -> None:

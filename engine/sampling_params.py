@@ -74,5 +74,8 @@ class SamplingParams:
             bad(f"min_tokens must be in [0, max_tokens], got {self.min_tokens}", "min_tokens")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             bad(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", "logprobs")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad("seed must be an integer", "seed")
+        if self.seed is not None and (not isinstance(self.seed, int)
+                                      or not -(1 << 63) <= self.seed < (1 << 63)):
+            bad("seed must be an integer that fits in 64 bits (signed)", "seed")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            bad("stop_token_ids must be non-negative token ids", "stop_token_ids")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.block_pool import BlockPool, hash_block
+from engine.block_pool import BlockPool, hash_block, prefix_hashes
 from engine.kv_layout import num_blocks_for
 from engine.sequence import Sequence, SequenceStatus
 
@@ -80,9 +80,10 @@ class Scheduler:
                 self._release_blocks(seq)
                 break
             self.waiting.popleft()
-            if seq.num_output_tokens == 0:  # first admission: count the prompt's hits once
-                self.pool.count_hit(seq.num_prompt_tokens,
-                                    min(seq.num_computed_tokens, seq.num_prompt_tokens))
+            if not seq.admitted:  # first admission: count the prompt's hits once
+                seq.admitted = True
+                seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
+                self.pool.count_hit(seq.num_prompt_tokens, seq.num_cached_tokens)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)
@@ -113,17 +114,11 @@ class Scheduler:
     def _take_prefix_hits(self, seq: Sequence) -> None:
         bs = self.block_size
         # Leave at least one token to compute: its logits give the next token.
-        max_blocks = (seq.num_tokens - 1) // bs
-        hashes: list[bytes] = []
-        parent = None
-        for b in range(max_blocks):
-            parent = hash_block(parent, seq.token_ids[b * bs:(b + 1) * bs])
-            hashes.append(parent)
+        hashes = prefix_hashes(seq.token_ids, bs, (seq.num_tokens - 1) // bs)
         hit = self.pool.lookup(hashes)
         seq.block_ids = hit
         seq.block_hashes = hashes[: len(hit)]
         seq.num_computed_tokens = len(hit) * bs
-        seq.num_cached_tokens = max(seq.num_cached_tokens, len(hit) * bs)
 
     def _ensure_blocks(self, seq: Sequence, n: int, batch: ScheduledBatch) -> bool:
         """Give ``seq`` blocks for ``n`` more tokens; False if the pool is short."""

@@ -46,6 +46,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    admitted: bool = False  # admitted once: a re-admission after preemption is not a new hit
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # chained, one per full block
     logprobs: list[TokenLogprob] = field(default_factory=list)

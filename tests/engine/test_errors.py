@@ -176,10 +176,11 @@ def test_nonsensical_engine_arguments_are_refused_at_construction(tiny_model, ar
 @pytest.mark.parametrize("stop_id", [2048, -1])
 def test_a_stop_token_id_outside_the_vocabulary_is_refused(small, assert_idle, stop_id):
     # with min_tokens, an unchecked id indexes past the logits mid-step (IndexError for
-    # every request in the batch), or silently bans the last token of the vocabulary
-    params = SamplingParams(temperature=0.0, max_tokens=4, min_tokens=2,
-                            stop_token_ids=[stop_id])
+    # every request in the batch), or silently bans the last token of the vocabulary.
+    # A negative id is refused by SamplingParams itself, one past the vocabulary by the engine.
     with pytest.raises(InvalidRequestError, match="stop_token_ids"):
+        params = SamplingParams(temperature=0.0, max_tokens=4, min_tokens=2,
+                                stop_token_ids=[stop_id])
         small.generate([[1, 2, 3]], params)
     assert_idle(small.engine)
 
