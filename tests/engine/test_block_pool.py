@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.block_pool import BlockPool, hash_block
+from engine.block_pool import BlockPool, hash_block, prefix_hashes
 from engine.errors import CapacityError
 from engine.sequence import SequenceStatus
 
@@ -161,6 +161,23 @@ def test_register_keeps_the_first_name_of_a_block():
     pool.register(b, h2)
     assert pool.lookup([h2]) == []
     assert pool.lookup([h1]) == [b]
+
+
+def test_prefix_hashes_chain_the_full_blocks_up_to_a_limit():
+    tokens = list(range(10))
+    assert prefix_hashes(tokens, 4, 5) == _chain([0, 1, 2, 3], [4, 5, 6, 7])  # 2 full blocks
+    assert prefix_hashes(tokens, 4, 1) == _chain([0, 1, 2, 3])
+
+
+def test_peek_counts_cached_leading_blocks_without_taking_references():
+    pool = BlockPool(4, 2)
+    h = _chain([1, 2], [3, 4], [5, 6])
+    blocks = pool.allocate(2)
+    for b, hb in zip(blocks, h):
+        pool.register(b, hb)
+    pool.release(blocks)
+    assert pool.peek(h) == 2 and pool.peek(h[1:]) == 1 and pool.peek(h[2:]) == 0
+    assert pool.num_free == 4 and pool.ref_counts == [0] * 4
 
 
 def test_without_prefix_caching_nothing_is_ever_found():
@@ -374,6 +391,8 @@ def test_cached_prefix_blocks_are_reused_after_being_freed_and_freed_again(
     (p,) = make_prompts([64], VOCAB, 35)
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     first = llm.generate([p], params)[0]
+    assert_idle(engine)
+    assert engine.cached_prefix_tokens(p) == 48  # a peek: nothing is held
     assert_idle(engine)
     second = llm.generate([p], params)[0]
     assert second.num_cached_tokens == 48
