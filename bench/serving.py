@@ -1,21 +1,21 @@
 """Serving benchmark: TTFT, inter-token latency and throughput, colocated vs disaggregated.
 
-Like vLLM's benchmark_serving, but it also runs the servers: for each mode it starts
-``pdserve up`` (colocated: ``--mode colocated --decode 1``; disaggregated: ``--prefill 1
---decode 1``), warms it up, sends the same seeded workload over the OpenAI streaming API
-(``/v1/completions``, token-id prompts so prompt lengths are exact, ``ignore_eos`` so output
-lengths are exact), stops it, and finally prints one table with every mode and the ratio
-disaggregated / colocated::
+Like vLLM's benchmark_serving, but it also runs the servers, from the tree this file lives
+in: for each mode it starts ``pdserve up`` (colocated: ``--mode colocated --decode 1``;
+disaggregated: ``--prefill 1 --decode 1``), warms it up, sends the same seeded workload over
+the OpenAI streaming API (``/v1/completions``, token-id prompts so prompt lengths are exact,
+``ignore_eos`` so output lengths are exact), stops it, and prints one table with every mode
+and the ratio disaggregated / colocated. ``--repeats`` alternates the modes and pools::
 
     .venv/bin/python bench/serving.py --model models/default \\
-        --num-requests 48 --input-len 64-512 --output-len 64 --rate 8 --concurrency 16
+        --num-requests 64 --input-len 64-512 --output-len 64 --rate 8 --concurrency 16
 
-Definitions (per request, client side, from the moment the request is sent):
-TTFT is the time to the first streamed chunk that carries a token; ITL is the gap between
-consecutive token-carrying chunks (vLLM's definition; a chunk carrying k tokens is one gap);
-TPOT is (end-to-end - TTFT) / (output tokens - 1). Each chunk's token count comes from
-``return_token_ids``, so a first chunk carrying more than one token is visible
-("tokens in first chunk"). Servers are always stopped: on exit, on error and on Ctrl-C.
+Per request, at the client, from the moment it is sent: TTFT is the time to the first
+chunk carrying a token; ITL is the gap between token-carrying chunks (vLLM's definition);
+TPOT is (end-to-end - TTFT) / (output tokens - 1). Chunks' token counts come from
+``return_token_ids``, so a first chunk carrying two tokens shows. CPU seconds of the server
+processes, this client and everything else (from /proc) show a run disturbed by other work.
+Servers are always stopped: on exit, on error, on Ctrl-C and on SIGTERM.
 """
 
 from __future__ import annotations
@@ -340,7 +340,7 @@ class ModeRun:
 
 def bench_mode(args: argparse.Namespace, mode: str, items: list[WorkItem],
                warm: list[WorkItem], log_path: Path) -> ModeRun:
-    server = Server(args.model, mode, args.pod_args, args.pod_threads, log_path)
+    server = Server(str(args.model), mode, args.pod_args, args.pod_threads, log_path)
     try:
         server.wait_ready()
         model, pods = asyncio.run(served_model(server.url))
@@ -364,7 +364,7 @@ def bench_mode(args: argparse.Namespace, mode: str, items: list[WorkItem],
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="HF-format model directory")
+    p.add_argument("--model", required=True, type=Path, help="HF-format model directory")
     p.add_argument("--modes", default="colocated,disaggregated",
                    help="comma-separated, run in this order: colocated, disaggregated")
     p.add_argument("--num-requests", type=int, default=64)
@@ -386,6 +386,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out-json", type=Path, default=None,
                    help="write the settings, summaries and per-request results here")
     args = p.parse_args(argv)
+    if not (args.model / "config.json").is_file():
+        p.error(f"--model {args.model}: not a model directory (no config.json)")
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in args.modes if m not in MODE_ARGS]
     if unknown or not args.modes:
@@ -401,7 +403,7 @@ def _interrupt(signum: int, _frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    config = json.loads((Path(args.model) / "config.json").read_text())
+    config = json.loads((args.model / "config.json").read_text())
     items = build_workload(args.seed, args.num_requests, args.input_len, args.output_len,
                            config["vocab_size"], args.rate)
     warm = build_workload(args.seed + 1, args.warmup, args.input_len, (16, 16),
@@ -410,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     # SIGTERM unwinds like Ctrl-C, so bench_mode's finally stops the servers
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)  # also when started with SIGINT ignored (`cmd &`)
     print(f"model {args.model}: {config['num_hidden_layers']} layers, hidden "
           f"{config['hidden_size']}, heads {config['num_attention_heads']}/"
           f"{config['num_key_value_heads']}, vocab {config['vocab_size']}; "
@@ -442,8 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(summaries))
     if args.out_json:
-        settings = {k: (str(v) if isinstance(v, (Path, float)) else v)
-                    for k, v in vars(args).items()}  # str: JSON has no inf
+        settings = {k: (str(v) if isinstance(v, Path) or v == float("inf") else v)
+                    for k, v in vars(args).items()}  # JSON has no inf
         args.out_json.write_text(json.dumps(
             {"settings": settings, "model_config": config, "summaries": summaries,
              "runs": {m: [asdict(r) for r in rs] for m, rs in runs.items()}}, indent=1))
