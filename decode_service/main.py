@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 from pathlib import Path
 
 import grpc
 
 from decode_service.server import DecodeServicer
-from engine.args import add_engine_arguments, engine_args_from
-from engine.async_engine import AsyncEngine
-from engine.llm_engine import LLMEngine
-from engine.metrics import PodMetrics
+from engine.args import add_pod_arguments, start_pod_engine
 from kv_transfer.connector import make_receiver
 from protos import pdserve_pb2_grpc as pb_grpc
 from protos.server import serve
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=50061, help="gRPC port (0: any free)")
     parser.add_argument("--kv-connector", default="tcp", choices=["tcp", "none"],
                         help="how KV arrives from prefill pods (none: always prefill locally)")
     parser.add_argument("--kv-port", type=int, default=0, help="KV receiver port (0: any free)")
@@ -29,17 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompts with fewer uncached tokens are prefilled here "
                              "(conditional disaggregation)")
     parser.add_argument("--prefill-timeout", type=float, default=60.0)
-    parser.add_argument("--metrics-port", type=int, default=-1,
-                        help="Prometheus /metrics port (-1: off, 0: any free)")
-    add_engine_arguments(parser)
+    add_pod_arguments(parser, default_port=50061)
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s decode %(message)s")
-    engine = AsyncEngine(LLMEngine(args.model, engine_args_from(args)))
-    metrics = PodMetrics("decode")
-    metrics.watch_engine(engine)
-    metrics.serve(args.metrics_port, args.host)
+    engine, metrics = start_pod_engine(args, "decode")
     receiver = None if args.kv_connector == "none" else \
         make_receiver(args.kv_connector, args.host, args.kv_port)
     servicer = DecodeServicer(engine, receiver, args.kv_connector, Path(args.model).name,

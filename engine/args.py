@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from engine.llm_engine import EngineArgs
+from engine.llm_engine import EngineArgs, LLMEngine
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,3 +32,28 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
         gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching, seed=args.seed)
+
+
+def add_pod_arguments(parser: argparse.ArgumentParser, default_port: int) -> None:
+    """Flags every gRPC pod has: where it listens, its metrics port, and the engine's."""
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=default_port, help="gRPC port (0: any free)")
+    parser.add_argument("--metrics-port", type=int, default=-1,
+                        help="Prometheus /metrics port (-1: off, 0: any free)")
+    add_engine_arguments(parser)
+
+
+def start_pod_engine(args: argparse.Namespace, role: str):  # noqa: ANN201
+    """Load the model, start the engine thread and the pod's metrics; (AsyncEngine,
+    PodMetrics)."""
+    import logging
+
+    from engine.async_engine import AsyncEngine
+    from engine.metrics import PodMetrics
+
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(message)s")
+    engine = AsyncEngine(LLMEngine(args.model, engine_args_from(args)))
+    metrics = PodMetrics(role)
+    metrics.watch_engine(engine)
+    metrics.serve(args.metrics_port, args.host)
+    return engine, metrics

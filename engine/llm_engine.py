@@ -9,6 +9,7 @@ with a KV sink that receives each layer's blocks as soon as that layer is comput
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,8 +25,10 @@ from engine.kv_layout import DTYPES, KVLayout, num_blocks_for
 from engine.model_runner import ModelRunner
 from engine.sampler import sample
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
+
+log = logging.getLogger(__name__)
 
 # A prefill pod's sink: (layer index, that layer's KV cache tensor, the request's block ids).
 KVSink = Callable[[int, torch.Tensor, list[int]], None]
@@ -246,18 +249,7 @@ class LLMEngine:
         if not batch.seqs:
             return self._collect_outputs()  # e.g. a remote prefill whose first token ended it
         self.num_steps += 1
-        sinks = [(s, self.requests[s.request_id].kv_sink) for s, n in
-                 zip(batch.seqs, batch.num_new_tokens)
-                 if s.prefill_only and s.num_computed_tokens + n == s.num_tokens
-                 and self.requests[s.request_id].kv_sink is not None]
-        hook = None
-        if sinks:
-            def hook(layer: int) -> None:
-                cache = self.runner.kv_caches[layer]
-                for seq, sink in sinks:
-                    sink(layer, cache, seq.block_ids[:num_blocks_for(seq.num_tokens,
-                                                                     self.args.block_size)])
-        logits, row_seq = self.runner.execute(batch, hook)
+        logits, row_seq = self.runner.execute(batch, self._kv_hook(batch))
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             self.scheduler.register_full_blocks(seq)
@@ -286,6 +278,28 @@ class LLMEngine:
             for seq, (tok, lp) in zip(to_sample, sample(picked, to_sample, self.eos_token_ids)):
                 self._append(self.requests[seq.request_id], seq, tok, lp)
         return self._collect_outputs()
+
+    def _kv_hook(self, batch: ScheduledBatch) -> Callable[[int], None] | None:
+        """For prefill-only requests whose prompt completes in this step: after each layer's
+        KV write, hand that layer's blocks of the whole prompt to the request's sink."""
+        sinks = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            sink = self.requests[seq.request_id].kv_sink
+            if sink is not None and seq.num_computed_tokens + n == seq.num_tokens:
+                blocks = seq.block_ids[:num_blocks_for(seq.num_tokens, self.args.block_size)]
+                sinks.append((seq.request_id, sink, blocks))
+        if not sinks:
+            return None
+
+        def hook(layer: int) -> None:
+            cache = self.runner.kv_caches[layer]
+            for request_id, sink, blocks in sinks:
+                try:
+                    sink(layer, cache, blocks)
+                except Exception:  # the transfer then fails alone; the batch goes on
+                    log.exception("KV sink of %s failed at layer %d", request_id, layer)
+
+        return hook
 
     def _child(self, parent: Sequence, index: int) -> Sequence:
         return Sequence(

@@ -14,7 +14,7 @@ import logging
 import grpc
 
 from engine.async_engine import AsyncEngine
-from engine.errors import KVTransferError, PdserveError
+from engine.errors import PdserveError
 from engine.metrics import PodMetrics
 from engine.sequence import TokenLogprob
 from kv_transfer.connector import KVSender, KVTargetSpec
