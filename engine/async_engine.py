@@ -46,6 +46,10 @@ class AsyncEngine:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._run_commands(block=not self.engine.has_work())
+            # Outputs a command produced (a remote prefill's first token) go out now, not
+            # after the next forward: that would add a decode step to the time to first token.
+            for out in self.engine.collect_outputs():
+                self._deliver(out.request_id, out)
             if not self.engine.has_work():
                 continue
             try:

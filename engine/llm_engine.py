@@ -247,7 +247,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if not batch.seqs:
-            return self._collect_outputs()  # e.g. a remote prefill whose first token ended it
+            return self.collect_outputs()  # e.g. a remote prefill whose first token ended it
         self.num_steps += 1
         logits, row_seq = self.runner.execute(batch, self._kv_hook(batch))
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
@@ -277,7 +277,7 @@ class LLMEngine:
             picked = logits.index_select(0, torch.tensor(rows, device=logits.device))
             for seq, (tok, lp) in zip(to_sample, sample(picked, to_sample, self.eos_token_ids)):
                 self._append(self.requests[seq.request_id], seq, tok, lp)
-        return self._collect_outputs()
+        return self.collect_outputs()
 
     def _kv_hook(self, batch: ScheduledBatch) -> Callable[[int], None] | None:
         """For prefill-only requests whose prompt completes in this step: after each layer's
@@ -351,7 +351,8 @@ class LLMEngine:
         else:
             self.scheduler.finish(seq)
 
-    def _collect_outputs(self) -> list[RequestOutput]:
+    def collect_outputs(self) -> list[RequestOutput]:
+        """What requests gained since the last call (step() calls it too)."""
         outputs = []
         for req in list(self.requests.values()):
             if not req.pending:

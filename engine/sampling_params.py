@@ -14,6 +14,7 @@ from engine.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
 MAX_N = 16
+INT32_MAX = (1 << 31) - 1
 
 
 @dataclass(slots=True)
@@ -46,6 +47,13 @@ class SamplingParams:
         def bad(msg: str, param: str) -> None:
             raise InvalidRequestError(msg, param=param)
 
+        # Fields the gRPC messages carry as int32 must fit it (protos/pdserve.proto).
+        for name in ("top_k", "max_tokens", "min_tokens"):
+            value = getattr(self, name)
+            if value is not None and not -INT32_MAX <= value <= INT32_MAX:
+                bad(f"{name} is out of range: {value}", name)
+        if any(isinstance(t, int) and t > INT32_MAX for t in self.stop_token_ids):
+            bad("stop_token_ids must be token ids of this model", "stop_token_ids")
         if not isinstance(self.n, int) or self.n < 1:
             bad(f"n must be at least 1, got {self.n}", "n")
         if self.n > MAX_N:
