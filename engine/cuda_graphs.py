@@ -1,5 +1,5 @@
-"""CUDA graphs for decode steps: one graph per captured batch size, replayed with the
-batch padded up to the next captured size.
+"""CUDA graphs for decode steps (the forward and the LM head): one graph per captured batch
+size, replayed with the batch padded up to the next captured size.
 
 A decode step of a small batch is dozens of short kernel launches whose launch cost exceeds
 their run time; a graph replays them all with one launch. Inputs live in static buffers the
@@ -40,9 +40,12 @@ class DecodeGraphs:
         return self.sizes[-1]
 
     def _forward(self, b: int) -> torch.Tensor:
+        """Logits [b, vocab] of one decode step: in a decode batch every row is sampled, so
+        the LM head belongs in the graph too."""
         attn = AttentionMetadata(self.slots[:b], self.tables[:b], self.context_lens[:b],
                                  self.cu[:b + 1], is_decode=True)
-        return self.model(self.input_ids[:b], self.positions[:b], attn, self.kv_caches)
+        hidden = self.model(self.input_ids[:b], self.positions[:b], attn, self.kv_caches)
+        return self.model.logits(hidden)
 
     @torch.inference_mode()
     def capture(self) -> None:

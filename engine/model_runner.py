@@ -108,10 +108,11 @@ class ModelRunner:
         inputs = self.prepare(batch)
         if (self.graphs is not None and layer_hook is None and inputs.attn.is_decode
                 and self.graphs.padded_size(len(batch.seqs)) is not None):
-            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.attn)
-        else:
-            hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn,
-                                self.kv_caches, layer_hook)
+            # a decode batch samples every row, in order: the graph's logits are the answer
+            logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.attn)
+            return logits, inputs.sample_seq_idx
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches,
+                            layer_hook)
         logits = self.model.logits(hidden.index_select(0, inputs.sample_rows))
         return logits, inputs.sample_seq_idx
 
