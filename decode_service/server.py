@@ -133,7 +133,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         self.metrics.record_transfer(stats.bytes, stats.seconds)
         lps = [logprobs_from_proto(m) for m in resp.first_logprobs] or \
             [None] * len(resp.first_token_ids)
-        return self.engine.complete_remote(rid, queue, list(resp.first_token_ids), lps)
+        return self.engine.complete_remote(rid, queue, list(resp.first_token_ids), lps,
+                                           resp.num_cached_tokens)
 
     async def _reserve(self, rid: str, prompt: list[int], params: SamplingParams):  # noqa: ANN202
         """Admission control: wait (bounded) until the prompt's blocks can be reserved."""

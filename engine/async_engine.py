@@ -170,10 +170,10 @@ class AsyncEngine:
         return blocks, seed, q
 
     async def complete_remote(self, request_id: str, q: asyncio.Queue, first_tokens: list[int],
-                              first_logprobs: list[TokenLogprob | None]
-                              ) -> AsyncIterator[RequestOutput]:
-        await self.call(lambda: self.engine.complete_remote(request_id, first_tokens,
-                                                            first_logprobs))
+                              first_logprobs: list[TokenLogprob | None],
+                              num_cached_tokens: int = 0) -> AsyncIterator[RequestOutput]:
+        await self.call(lambda: self.engine.complete_remote(
+            request_id, first_tokens, first_logprobs, num_cached_tokens))
         async for out in self._drain(request_id, q):
             yield out
 

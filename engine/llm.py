@@ -95,7 +95,9 @@ class LLM:
                 tracks[rid] = (i, _Tracking(
                     ids, p,
                     [IncrementalDetokenizer(self.tokenizer, ids, p.stop,
-                                            p.include_stop_str_in_output) for _ in range(p.n)],
+                                            p.include_stop_str_in_output,
+                                            stop_token_ids=p.stop_token_ids)
+                     for _ in range(p.n)],
                     [[] for _ in range(p.n)], [[] for _ in range(p.n)],
                     [[] for _ in range(p.n)], [None] * p.n, done=[False] * p.n))
             while self.engine.has_work():

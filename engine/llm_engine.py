@@ -194,14 +194,17 @@ class LLMEngine:
         return list(seq.block_ids)
 
     def complete_remote(self, request_id: str, first_tokens: list[int],
-                        first_logprobs: list[TokenLogprob | None]) -> None:
-        """The prefill pod filled the reserved blocks and sampled each sequence's first
-        token: the request joins the running batch."""
+                        first_logprobs: list[TokenLogprob | None],
+                        num_cached_tokens: int = 0) -> None:
+        """The prefill pod filled the reserved blocks (``num_cached_tokens`` of them from its
+        caches) and sampled each sequence's first token: the request joins the batch."""
         req = self.requests.get(request_id)
         if req is None:
             return  # aborted meanwhile; its blocks are already back
         parent = req.seqs[0]
         parent.num_computed_tokens = parent.num_prompt_tokens
+        parent.num_cached_tokens = num_cached_tokens
+        parent.admitted = True
         self.scheduler.register_full_blocks(parent)
         self._fork(req)
         for seq, tok, lp in zip(req.seqs, first_tokens, first_logprobs):

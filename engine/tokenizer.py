@@ -111,16 +111,19 @@ class IncrementalDetokenizer:
     U+FFFD (an incomplete UTF-8 sequence split across tokens) is held until it completes.
     Stop strings: the text is cut before the first stop string (or after it with
     ``include_stop_str_in_output``); a suffix that could still become a stop string is held
-    back until decided.
+    back until decided. A token of ``stop_token_ids`` ends the text too, without its own
+    text unless ``include_stop_str_in_output`` (as vLLM does); its id still counts.
     """
 
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], stop: list[str] | None = None,
                  include_stop_str_in_output: bool = False,
-                 skip_special_tokens: bool = True) -> None:
+                 skip_special_tokens: bool = True,
+                 stop_token_ids: list[int] | None = None) -> None:
         self._tok = tokenizer
         self._skip = skip_special_tokens
         self._stop = [s for s in (stop or []) if s]  # an empty stop string would match anywhere
         self._include_stop = include_stop_str_in_output
+        self._stop_ids = frozenset(stop_token_ids or ())
         self._max_hold = max((len(s) for s in self._stop), default=1) - 1
         self._ids: list[int] = list(prompt_token_ids[-_PROMPT_CONTEXT:])
         self._prefix_offset = 0
@@ -177,6 +180,10 @@ class IncrementalDetokenizer:
             return DetokDelta("", True, 0)
         out: list[str] = []
         for i, token_id in enumerate(token_ids):
+            if token_id in self._stop_ids and not self._include_stop:
+                out.append(self.flush())  # what was held back is final now
+                self.stopped = True
+                return DetokDelta("".join(out), True, i + 1)
             new = self._step(int(token_id))
             if not new:
                 continue

@@ -199,7 +199,8 @@ class Generation:
         sequences = [
             _Sequence(IncrementalDetokenizer(self.tokenizer, job.prompts[index], params.stop,
                                              params.include_stop_str_in_output,
-                                             job.skip_special_tokens))
+                                             job.skip_special_tokens,
+                                             stop_token_ids=params.stop_token_ids))
             for _ in range(params.n)]
         call, lease, response = await self._open(index)
         try:

@@ -128,3 +128,15 @@ def test_a_batch_of_prompts_gives_one_choice_each_in_order(stack: Stack, tokeniz
     streamed, _ = collect_stream(client.completions.create(
         model=stack.model, prompt=prompts, stream=True, **GREEDY), chat=False)
     assert streamed == got
+
+
+def test_a_repeated_prompt_reports_the_prefill_pods_cached_tokens(stack: Stack) -> None:
+    prompt = list(range(100, 150))  # 50 tokens: three full blocks can be reused
+    client = stack.client()
+    first = client.completions.create(model=stack.model, prompt=prompt, max_tokens=2,
+                                      temperature=0)
+    second = client.completions.create(model=stack.model, prompt=prompt, max_tokens=2,
+                                       temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == 48
+    assert second.choices[0].text == first.choices[0].text

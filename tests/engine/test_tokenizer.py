@@ -146,3 +146,15 @@ def test_token_bytes_are_exact_for_partial_characters(tok) -> None:
     ids = tok.encode("é你")
     assert b"".join(tb.get(i)[1] for i in ids) == "é你".encode()
     assert tb.get(tok.encode("hello")[0])[0] == tok.decode(tok.encode("hello")[:1])
+
+
+def test_a_stop_token_id_ends_the_text_without_its_own_text(tok) -> None:
+    ids = tok.encode(TEXT)
+    stop_id = ids[3]
+    plain = IncrementalDetokenizer(tok, [], stop_token_ids=[stop_id])
+    delta = plain.add(ids)
+    assert delta.stopped and delta.num_tokens == 4  # the stop token's id still counts
+    assert delta.text == tok.decode(ids[:3])
+    kept = IncrementalDetokenizer(tok, [], stop_token_ids=[stop_id],
+                                  include_stop_str_in_output=True)
+    assert kept.add(ids[:4]).text + kept.flush() == tok.decode(ids[:4])
