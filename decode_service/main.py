@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
-import sys
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 
@@ -14,7 +12,7 @@ from decode_service.server import DecodeServicer
 from engine.args import add_pod_arguments, start_pod_engine
 from kv_transfer.connector import make_receiver
 from protos import pdserve_pb2_grpc as pb_grpc
-from protos.server import serve
+from protos.server import run_pod
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_pod_arguments(parser, default_port=50061)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> NoReturn:
     engine, metrics = start_pod_engine(args, "decode")
     receiver = None if args.kv_connector == "none" else \
         make_receiver(args.kv_connector, args.host, args.kv_port)
@@ -45,10 +43,5 @@ def run(args: argparse.Namespace) -> int:
             receiver.close()
         engine.shutdown()
 
-    asyncio.run(serve(add, args.host, args.port,
-                      lambda port: f"pdserve decode ready on {args.host}:{port}", stop))
-    # Everything is stopped and flushed: skip the interpreter's teardown, which spent
-    # seconds of CPU collecting the model's tensors and could outlast `pdserve up`'s grace.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    run_pod(add, args.host, args.port,
+            lambda port: f"pdserve decode ready on {args.host}:{port}", stop)
