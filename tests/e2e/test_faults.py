@@ -1,0 +1,140 @@
+"""Pods facing failures: a prefill pod that is gone, a KV layout that does not match.
+
+Real pod processes (`pdserve prefill` / `pdserve decode`) driven over gRPC. A decode pod
+whose prefill pod is unreachable or dead prefills locally (conditional disaggregation) and
+still gives transformers' greedy tokens; every reserved block comes back either way.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from e2e_helpers import free_port
+from engine.sampling_params import SamplingParams
+from hf_reference import hf_greedy
+from protos import pdserve_pb2 as pb
+from protos import pdserve_pb2_grpc as pb_grpc
+from protos.convert import sampling_to_proto
+
+pytestmark = pytest.mark.timeout(180)
+
+READY = re.compile(r"ready on (\S+:\d+)")
+PROMPT = list(range(300, 340))
+NEW_TOKENS = 16
+
+
+@dataclass(slots=True)
+class Pod:
+    proc: subprocess.Popen
+    address: str
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_pod(role: str, model_dir: Path, *args: str) -> Pod:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pdserve.cli", role, "--model", str(model_dir), "--port", "0",
+         "--num-kv-blocks", "256", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        match = READY.search(line)
+        if match:
+            return Pod(proc, match.group(1))
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"{role} pod did not start")
+
+
+@pytest.fixture(scope="module")
+def decode_pod(default_model_dir: Path) -> Iterator[Pod]:
+    pod = start_pod("decode", default_model_dir)
+    yield pod
+    pod.stop()
+
+
+def generate(decode: Pod, prefill_endpoint: str) -> tuple[list[int], bool]:
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    with grpc.insecure_channel(decode.address) as channel:
+        stub = pb_grpc.DecodeStub(channel)
+        tokens: list[int] = []
+        remote = None
+        for msg in stub.Generate(pb.GenerateRequest(
+                prompt_token_ids=PROMPT, sampling=sampling_to_proto(params),
+                prefill_endpoint=prefill_endpoint), timeout=60):
+            if remote is None:
+                remote = msg.remote_prefill
+            for out in msg.outputs:
+                tokens += out.token_ids
+    return tokens, bool(remote)
+
+
+def free_blocks(pod: Pod) -> int:
+    with grpc.insecure_channel(pod.address) as channel:
+        report = pb_grpc.DecodeStub(channel).GetLoad(pb.LoadRequest(), timeout=5)
+    return report.free_blocks
+
+
+def test_an_unreachable_prefill_pod_means_a_local_prefill_with_the_same_tokens(
+        decode_pod: Pod, default_model_dir: Path) -> None:
+    before = free_blocks(decode_pod)
+    tokens, remote = generate(decode_pod, f"127.0.0.1:{free_port()}")
+    assert not remote
+    assert tokens == hf_greedy(default_model_dir, [PROMPT], NEW_TOKENS)[0]
+    assert free_blocks(decode_pod) == before
+
+
+def test_a_killed_prefill_pod_means_a_local_prefill_and_no_lost_blocks(
+        decode_pod: Pod, default_model_dir: Path) -> None:
+    prefill = start_pod("prefill", default_model_dir)
+    try:
+        before = free_blocks(decode_pod)
+        tokens, remote = generate(decode_pod, prefill.address)
+        assert remote  # it served while alive
+        prefill.stop(signal.SIGKILL)
+        again, remote = generate(decode_pod, prefill.address)
+        assert not remote
+        assert again == tokens == hf_greedy(default_model_dir, [PROMPT], NEW_TOKENS)[0]
+        assert free_blocks(decode_pod) == before
+    finally:
+        prefill.stop(signal.SIGKILL)
+
+
+def test_a_prefill_pod_refuses_a_kv_target_of_another_layout(default_model_dir: Path) -> None:
+    prefill = start_pod("prefill", default_model_dir)
+    try:
+        with grpc.insecure_channel(prefill.address) as channel:
+            stub = pb_grpc.PrefillStub(channel)
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.Prefill(pb.PrefillRequest(
+                    request_id="mismatch", prompt_token_ids=PROMPT,
+                    sampling=sampling_to_proto(SamplingParams(temperature=0.0)),
+                    kv_target=pb.KVTarget(connector="tcp", address="127.0.0.1:1",
+                                          transfer_id="mismatch", block_ids=[0, 1, 2],
+                                          layout_fingerprint="0000000000000000")), timeout=30)
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "layout mismatch" in caught.value.details()
+            load = stub.GetLoad(pb.LoadRequest(), timeout=5)
+            assert load.running == 0 and load.free_blocks == load.total_blocks
+    finally:
+        prefill.stop()
