@@ -71,9 +71,9 @@ def llama3_8b() -> ModelConfig:
         rope=RopeConfig(theta=500000.0), model_id="llama3-8b-shape", torch_dtype="bfloat16")
 
 
-def time_decode_step(bw: float) -> list[str]:
+def build_8b(ctx: int, block: int, max_batch: int):  # noqa: ANN201
+    """The 8B-shaped model with random bf16 weights, its KV cache and decode graphs."""
     cfg = llama3_8b()
-    ctx, block = 2048, 16
     max_len = ctx + 64
     with torch.device("meta"):
         model = LlamaModel(cfg, max_len)
@@ -86,25 +86,51 @@ def time_decode_step(bw: float) -> list[str]:
             layer.post_attn_norm.fill_(1.0)
         model.norm.fill_(1.0)
     model.cos_sin = rope_cos_sin_cache(cfg.rope, cfg.head_dim, max_len).cuda()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    weight_bytes -= (cfg.vocab_size - 64) * cfg.hidden_size * 2  # embedding: only B rows read
-    max_batch = 64
     blocks_per_seq = (max_len + block - 1) // block
     num_blocks = max_batch * blocks_per_seq
     kv = [torch.randn((2, num_blocks, block, cfg.num_kv_heads, cfg.head_dim),
                       dtype=torch.bfloat16, device="cuda") for _ in range(cfg.num_layers)]
+    return cfg, model, kv, blocks_per_seq
+
+
+def decode_inputs(b: int, ctx: int, block: int, blocks_per_seq: int, vocab: int):  # noqa: ANN201
+    tables = torch.arange(b * blocks_per_seq, dtype=torch.int32,
+                          device="cuda").view(b, blocks_per_seq)
+    lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
+    pos = torch.full((b,), ctx - 1, dtype=torch.int64, device="cuda")
+    slots = (tables[:, (ctx - 1) // block].long() * block + (ctx - 1) % block)
+    ids = torch.randint(0, vocab, (b,), device="cuda")
+    attn = AttentionMetadata(slots, tables, lens,
+                             torch.arange(b + 1, dtype=torch.int32, device="cuda"), True)
+    return ids, pos, attn
+
+
+def profile_step(ctx: int = 2048, block: int = 16) -> str:
+    """Per-kernel GPU time of one batch-1 decode step (eager, so each kernel is named)."""
+    cfg, model, kv, blocks_per_seq = build_8b(ctx, block, 1)
+    ids, pos, attn = decode_inputs(1, ctx, block, blocks_per_seq, cfg.vocab_size)
+    with torch.inference_mode():
+        for _ in range(3):
+            model.logits(model(ids, pos, attn, kv)).argmax(-1)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                model.logits(model(ids, pos, attn, kv)).argmax(-1)
+            torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
+                                     max_name_column_width=60)
+
+
+def time_decode_step(bw: float) -> list[str]:
+    ctx, block, max_batch = 2048, 16, 64
+    cfg, model, kv, blocks_per_seq = build_8b(ctx, block, max_batch)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes -= (cfg.vocab_size - 64) * cfg.hidden_size * 2  # embedding: only B rows read
     graphs = DecodeGraphs(model, kv, max_batch, blocks_per_seq, batch_sizes=(1, 16, 64))
     graphs.capture()
     rows = []
     for b in (1, 16, 64):
-        tables = torch.arange(b * blocks_per_seq, dtype=torch.int32,
-                              device="cuda").view(b, blocks_per_seq)
-        lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
-        pos = torch.full((b,), ctx - 1, dtype=torch.int64, device="cuda")
-        slots = (tables[:, (ctx - 1) // block].long() * block + (ctx - 1) % block)
-        ids = torch.randint(0, cfg.vocab_size, (b,), device="cuda")
-        attn = AttentionMetadata(slots, tables, lens, torch.arange(b + 1, dtype=torch.int32,
-                                                                   device="cuda"), True)
+        ids, pos, attn = decode_inputs(b, ctx, block, blocks_per_seq, cfg.vocab_size)
 
         def eager() -> torch.Tensor:
             h = model(ids, pos, attn, kv)
@@ -141,7 +167,15 @@ def time_decode_step(bw: float) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true",
+                    help="only print the per-kernel time of a batch-1 decode step")
     args = ap.parse_args()
+    if args.profile:
+        table = profile_step()
+        print(table)
+        if args.out:
+            Path(args.out).write_text(table + "\n")
+        return 0
     name = torch.cuda.get_device_name()
     print(f"device: {name}, torch {torch.__version__}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
