@@ -13,6 +13,8 @@ from typing import NoReturn
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from engine.errors import PdserveError
+
 # KV never travels over gRPC, but token lists of long prompts can pass 4 MiB.
 MAX_MESSAGE_BYTES = 64 << 20
 CHANNEL_OPTIONS = [
@@ -26,13 +28,17 @@ async def serve(add_servicers: Callable[[grpc.aio.Server], list[str]], host: str
                 on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
     """Start a server, mark its services SERVING, print ``ready_message(port)``, and run
     until SIGTERM or SIGINT; then mark NOT_SERVING and stop with a short grace period."""
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    # No SO_REUSEPORT (gRPC's default): a second pod on a taken port must fail, not share it.
+    server = grpc.aio.server(options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)])
     names = add_servicers(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpc raises this when the port is taken
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind gRPC server to {host}:{port}")
+        raise PdserveError(f"cannot listen on {host}:{port} (in use, or not an address here)")
     await server.start()
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
