@@ -138,3 +138,14 @@ def test_a_prefill_pod_refuses_a_kv_target_of_another_layout(default_model_dir: 
             assert load.running == 0 and load.free_blocks == load.total_blocks
     finally:
         prefill.stop()
+
+
+def test_a_second_pod_on_a_taken_port_fails_with_a_clear_error(
+        decode_pod: Pod, default_model_dir: Path) -> None:
+    port = decode_pod.address.rsplit(":", 1)[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "pdserve.cli", "decode", "--model", str(default_model_dir),
+         "--port", port, "--num-kv-blocks", "16"],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "cannot listen on" in done.stderr and "Traceback" not in done.stderr
