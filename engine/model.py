@@ -90,7 +90,7 @@ class DecoderLayer(nn.Module):
     def attention(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                   kv_cache: torch.Tensor, attn: AttentionMetadata,
                   after_kv_write: Callable[[], None] | None) -> torch.Tensor:
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        qkv = ops.linear(x, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # Views into qkv, no copies: every kernel takes a strided token/head layout, and at
         # batch 1 three copy launches per layer are a measurable share of a decode step.
@@ -107,10 +107,10 @@ class DecoderLayer(nn.Module):
         else:
             o = ops.paged_prefill_attention(q, kv_cache, attn.block_tables, attn.cu_seqlens_q,
                                             attn.context_lens, self.scale)
-        return F.linear(o.reshape(-1, self.q_size), self.o_weight)
+        return ops.linear(o.reshape(-1, self.q_size), self.o_weight)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(ops.silu_and_mul(F.linear(x, self.gate_up_weight)), self.down_weight)
+        return ops.linear(ops.silu_and_mul(ops.linear(x, self.gate_up_weight)), self.down_weight)
 
 
 class LlamaModel(nn.Module):

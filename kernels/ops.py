@@ -56,6 +56,17 @@ def rotary_embedding(
     return reference.rotary_embedding(q, k, positions, cos_sin_cache)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """A projection. Decode-sized batches through small weights take the Triton GEMV (it
+    beats cuBLAS there); everything else is F.linear (cuBLAS on CUDA)."""
+    if use_triton(x) and x.dim() == 2:
+        from kernels import triton_gemv
+        if triton_gemv.prefers_gemv(x.shape[0], weight.shape[0], weight.shape[1]):
+            return triton_gemv.linear(x, weight, bias)
+    return reference.linear(x, weight, bias)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if use_triton(x):
         from kernels import triton_activation

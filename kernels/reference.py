@@ -56,6 +56,12 @@ def rotary_embedding(
     return q, k
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """x @ weight^T + bias: x [M, K], weight [N, K] (HF's nn.Linear layout)."""
+    return F.linear(x, weight, bias)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [T, 2*I] holding gate then up; returns silu(gate) * up, [T, I]."""
     inter = x.shape[-1] // 2
