@@ -121,62 +121,6 @@ def profile_step(ctx: int = 2048, block: int = 16) -> str:
                                      max_name_column_width=60)
 
 
-def _median_ms(fn, iters: int = 30) -> float:  # noqa: ANN001
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(a.elapsed_time(e))
-    return statistics.median(times)
-
-
-def gemv_table() -> tuple[list[str], object]:
-    """The decode projections at batch 1: cuBLAS (F.linear) against the Triton GEMV's
-    configurations; weights rotated over copies so that L2 (60 MiB) cannot hold them."""
-    from kernels import triton_gemv
-    from kernels.triton_gemv import GemvConfig
-
-    configs = [GemvConfig(16, 256, 4, 4), GemvConfig(16, 512, 4, 3), GemvConfig(32, 256, 4, 4),
-               GemvConfig(16, 128, 4, 6), GemvConfig(32, 128, 8, 4), GemvConfig(64, 128, 8, 3)]
-    shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
-              "down": (4096, 14336)}
-    rows, small_total = [], [0.0] * len(configs)
-    for name, (n, k) in shapes.items():
-        copies = max(2, (256 << 20) // (n * k * 2))
-        ws = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k ** 0.5
-              for _ in range(copies)]
-        x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
-        out = torch.empty(1, n, dtype=torch.bfloat16, device="cuda")
-        ref = torch.nn.functional.linear(x.float(), ws[0].float())
-        got = triton_gemv.linear_out(x, ws[0], None, out, configs[0]).float()
-        err = float((got - ref).norm() / ref.norm())
-        assert err < 1e-2, f"gemv {name}: relative error {err}"
-        it = [0]
-
-        def nxt() -> torch.Tensor:
-            it[0] = (it[0] + 1) % copies
-            return ws[it[0]]
-
-        t_cublas = _median_ms(lambda: torch.nn.functional.linear(x, nxt()))
-        t_cfg = [_median_ms(lambda c=c: triton_gemv.linear_out(x, nxt(), None, out, c))
-                 for c in configs]
-        best = min(range(len(configs)), key=lambda i: t_cfg[i])
-        if triton_gemv.prefers_gemv(1, n, k):
-            small_total = [a + b for a, b in zip(small_total, t_cfg)]
-        mb = n * k * 2 / 1e6
-        rows.append(f"| {name} {n}x{k} | {mb:.0f} | {t_cublas * 1e3:.1f} "
-                    f"({mb / t_cublas / 1e3:.2f} TB/s) | {t_cfg[best] * 1e3:.1f} "
-                    f"({mb / t_cfg[best] / 1e3:.2f} TB/s) | {configs[best]} | {err:.1e} |")
-        print(rows[-1], flush=True)
-    chosen = configs[min(range(len(configs)), key=lambda i: small_total[i])]
-    return rows, chosen
-
-
 def time_decode_step(bw: float, label: str) -> list[str]:
     ctx, block, max_batch = 2048, 16, 64
     cfg, model, kv, blocks_per_seq = build_8b(ctx, block, max_batch)
@@ -240,21 +184,14 @@ def main() -> int:
     print(f"copy bandwidth: {bw / 1e12:.2f} TB/s (read + write)", flush=True)
     from kernels import triton_gemv
 
-    gemv, chosen = gemv_table()
-    triton_gemv.DEFAULT_CONFIG = chosen  # the best configuration for the small projections
-    limit = triton_gemv.MAX_WEIGHT_ELEMENTS
-    triton_gemv.MAX_WEIGHT_ELEMENTS = 0  # baseline: every projection through cuBLAS
-    step = time_decode_step(bw, "cuBLAS")
+    step = time_decode_step(bw, "cuBLAS")  # the engine's default for every projection
     torch.cuda.empty_cache()
-    triton_gemv.MAX_WEIGHT_ELEMENTS = limit
+    # The Triton GEMV on the small projections (qkv, o), compared in the same run.
+    triton_gemv.MAX_WEIGHT_ELEMENTS = 32 << 20
     step += time_decode_step(bw, "Triton GEMV for qkv/o")
     text = "\n".join([
         f"Card: {name}; copy bandwidth measured in the same run: {bw / 1e12:.2f} TB/s.", "",
         "| arch | path | result |", "| --- | --- | --- |", *greedy, "",
-        "Decode projections at batch 1 (bf16), cuBLAS vs the Triton GEMV's best config:", "",
-        "| projection | MB | cuBLAS us | Triton GEMV us | config | rel. error |",
-        "| --- | --- | --- | --- | --- | --- |", *gemv, "",
-        f"Config used for qkv/o in the step below: {chosen}", "",
         "Llama-3-8B-shaped decode step (random bf16 weights, 32 layers, hidden 4096, 32/8 "
         "heads, vocab 128256), median of 20:", "",
         "| projections | batch | context | eager ms | CUDA graphs ms | tokens/s (graphs) | "

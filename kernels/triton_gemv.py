@@ -5,7 +5,7 @@ decode projections of an 8B model (qkv 6144x4096, o 4096x4096) at only 2.7-3.1 T
 4.1 TB/s for the large ones (bench/GPU_NOTES.md): it picks 64-wide tiles and split-K. Here
 every program streams BLOCK_N full rows of W (no split-K, so no reduce kernel), which gives
 enough programs to fill the SMs for these shapes. ``prefers_gemv`` says where this kernel
-is meant to replace cuBLAS; anything else stays with F.linear.
+replaces cuBLAS: nowhere yet, as measured (see MAX_WEIGHT_ELEMENTS).
 """
 
 from __future__ import annotations
@@ -17,7 +17,10 @@ import triton
 import triton.language as tl
 
 MAX_M = 16  # the M tile: decode batches up to this size
-MAX_WEIGHT_ELEMENTS = 32 << 20  # small projections only (qkv, o of an 8B model)
+# Off: inside a whole decode step on an H200 this kernel on qkv/o (limit 32 << 20) was
+# slower than cuBLAS (5.07 vs 4.76 ms at batch 1, bench/RESULTS.md), so the dispatcher
+# keeps cuBLAS until a tuned version wins there. bench/gpu_engine.py turns it on to compare.
+MAX_WEIGHT_ELEMENTS = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +31,7 @@ class GemvConfig:
     num_stages: int = 4
 
 
-DEFAULT_CONFIG = GemvConfig()
+DEFAULT_CONFIG = GemvConfig(block_n=16, block_k=128, num_warps=4, num_stages=6)
 
 
 def prefers_gemv(m: int, n: int, k: int) -> bool:

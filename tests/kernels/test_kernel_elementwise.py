@@ -103,7 +103,12 @@ def test_gemv_matches_reference(dtype, m, n, k, bias, gen, rel_err, tol):
     assert rel_err(out.float(), ref) < tol[dtype]
 
 
-def test_the_dispatcher_takes_the_gemv_for_a_decode_batch_only(gen, rel_err, tol):
+def test_the_dispatcher_takes_the_gemv_for_a_decode_batch_when_enabled(
+        gen, rel_err, tol, monkeypatch):
+    from kernels import triton_gemv
+
+    monkeypatch.setattr(triton_gemv, "MAX_WEIGHT_ELEMENTS", 32 << 20)
+    assert triton_gemv.prefers_gemv(2, 32, 64) and not triton_gemv.prefers_gemv(40, 32, 64)
     x = torch.randn(2, 64, generator=gen)
     w = torch.randn(32, 64, generator=gen)
     assert rel_err(ops.linear(x, w), reference.linear(x, w)) < tol[torch.float32]
