@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 
@@ -70,7 +70,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             cached = await self.engine.call(
                 lambda: self.engine.engine.cached_prefix_tokens(prompt))
             remote = len(prompt) - cached >= self.min_remote_prefill_tokens
-        outputs: AsyncIterator[RequestOutput] | None = None
+        outputs: AsyncGenerator[RequestOutput, None] | None = None
         try:
             if remote:
                 try:
@@ -92,12 +92,12 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             self.metrics.requests.labels("decode", "error").inc()
             await context.abort(status_of(exc), exc.message)
         finally:
-            if outputs is not None and hasattr(outputs, "aclose"):
+            if outputs is not None:
                 await outputs.aclose()  # runs the stream's cleanup: frees the blocks
             await self.engine.abort(rid)  # idempotent: nothing left if it finished
 
     async def _remote_prefill(self, rid: str, prompt: list[int], params: SamplingParams,
-                              endpoint: str) -> AsyncIterator[RequestOutput]:
+                              endpoint: str) -> AsyncGenerator[RequestOutput, None]:
         assert self.receiver is not None
         blocks, seed, queue = await self._reserve(rid, prompt, params)
         layout = self.engine.engine.layout

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -129,7 +129,7 @@ class AsyncEngine:
             self._commands.put(lambda: self.engine.abort(request_id))
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
-                       **kwargs: Any) -> AsyncIterator[RequestOutput]:
+                       **kwargs: Any) -> AsyncGenerator[RequestOutput, None]:
         """Add a request (engine.add_request kwargs pass through) and stream its outputs."""
         q = self._open_stream(request_id)
         try:
@@ -171,7 +171,8 @@ class AsyncEngine:
 
     async def complete_remote(self, request_id: str, q: asyncio.Queue, first_tokens: list[int],
                               first_logprobs: list[TokenLogprob | None],
-                              num_cached_tokens: int = 0) -> AsyncIterator[RequestOutput]:
+                              num_cached_tokens: int = 0
+                              ) -> AsyncGenerator[RequestOutput, None]:
         await self.call(lambda: self.engine.complete_remote(
             request_id, first_tokens, first_logprobs, num_cached_tokens))
         async for out in self._drain(request_id, q):

@@ -73,7 +73,6 @@ def write_kv_cache(
 ) -> None:
     """Scatter key/value [T, Hk, D] into their slots (block_id * block_size + offset).
     A negative slot marks a padding token and is skipped."""
-    block_size = kv_cache.shape[2]
     flat = kv_cache.view(2, -1, kv_cache.shape[3], kv_cache.shape[4])
     valid = slot_mapping >= 0
     if not bool(valid.all()):
@@ -81,7 +80,6 @@ def write_kv_cache(
     slots = slot_mapping.long()
     flat[0].index_copy_(0, slots, key.to(kv_cache.dtype))
     flat[1].index_copy_(0, slots, value.to(kv_cache.dtype))
-    del block_size
 
 
 def _gather_kv(
