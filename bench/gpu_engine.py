@@ -5,14 +5,17 @@
 2. A decode step of a Llama-3-8B-shaped model (random bf16 weights made on the GPU) at
    batch 1/16/64 with context 2048: tokens/s, eager vs CUDA graphs, and the ratio to the
    memory roofline (weights + KV bytes read per step over the device-to-device copy
-   bandwidth measured in this run).
+   bandwidth measured in this run). With ``--gemv`` (the JSON bench/gpu_gemv.py wrote) the
+   Triton GEMV takes the batch-1 projections it won there, for the greedy checks and for a
+   second timing of the batch-1 step beside cuBLAS's.
 
-    python bench/gpu_engine.py [--out results.md]
+    python bench/gpu_engine.py [--out results.md] [--gemv gemv.json] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -121,7 +124,8 @@ def profile_step(ctx: int = 2048, block: int = 16) -> str:
                                      max_name_column_width=60)
 
 
-def time_decode_step(bw: float, label: str) -> list[str]:
+def time_decode_step(bw: float, label: str, batches: tuple[int, ...] = (1, 16, 64)
+                     ) -> list[str]:
     ctx, block, max_batch = 2048, 16, 64
     cfg, model, kv, blocks_per_seq = build_8b(ctx, block, max_batch)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -129,7 +133,7 @@ def time_decode_step(bw: float, label: str) -> list[str]:
     graphs = DecodeGraphs(model, kv, max_batch, blocks_per_seq, batch_sizes=(1, 16, 64))
     graphs.capture()
     rows = []
-    for b in (1, 16, 64):
+    for b in batches:
         ids, pos, attn = decode_inputs(b, ctx, block, blocks_per_seq, cfg.vocab_size)
 
         def eager() -> torch.Tensor:
@@ -169,7 +173,15 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true",
                     help="only print the per-kernel time of a batch-1 decode step")
+    ap.add_argument("--gemv", default=None, help="bench/gpu_gemv.py's JSON: use its choice")
     args = ap.parse_args()
+    from kernels import triton_gemv
+    if args.gemv:
+        choice = json.loads(Path(args.gemv).read_text())
+        triton_gemv.DEFAULT_CONFIG = triton_gemv.GemvConfig(**choice["config"])
+        triton_gemv.MAX_WEIGHT_ELEMENTS = int(choice["max_weight_elements"])
+        print(f"GEMV: {triton_gemv.DEFAULT_CONFIG}, weights up to "
+              f"{triton_gemv.MAX_WEIGHT_ELEMENTS} elements", flush=True)
     if args.profile:
         table = profile_step()
         print(table)
@@ -182,13 +194,17 @@ def main() -> int:
         greedy = check_greedy(Path(tmp))
     bw = copy_bandwidth()
     print(f"copy bandwidth: {bw / 1e12:.2f} TB/s (read + write)", flush=True)
-    from kernels import triton_gemv
-
-    step = time_decode_step(bw, "cuBLAS")  # the engine's default for every projection
-    torch.cuda.empty_cache()
-    # The Triton GEMV on the small projections (qkv, o), compared in the same run.
-    triton_gemv.MAX_WEIGHT_ELEMENTS = 32 << 20
-    step += time_decode_step(bw, "Triton GEMV for qkv/o")
+    limit = triton_gemv.MAX_WEIGHT_ELEMENTS
+    triton_gemv.MAX_WEIGHT_ELEMENTS = 0
+    step = time_decode_step(bw, "cuBLAS")
+    if limit:  # the GEMV only serves batch 1: time that beside cuBLAS, in the same run
+        torch.cuda.empty_cache()
+        triton_gemv.MAX_WEIGHT_ELEMENTS = limit
+        cfg = triton_gemv.DEFAULT_CONFIG
+        step += time_decode_step(
+            bw, f"Triton GEMV at batch 1 for weights <= {limit / 2 ** 20:.0f} Mi elements "
+            f"({cfg.block_n}, {cfg.block_k}, {cfg.num_warps} warps, {cfg.num_stages} stages)",
+            batches=(1,))
     text = "\n".join([
         f"Card: {name}; copy bandwidth measured in the same run: {bw / 1e12:.2f} TB/s.", "",
         "| arch | path | result |", "| --- | --- | --- |", *greedy, "",

@@ -186,6 +186,12 @@ def run_checks(run: Run, dcfg: DecodeConfig, pcfg: PrefillConfig) -> None:
     ref.write_kv_cache(k, q[:, :hk], want_c, slots)
     triton_kv_write.write_kv_cache(k, q[:, :hk], kvc, slots)
     check(run, "write_kv_cache (exact)", 0.0 if torch.equal(kvc, want_c) else 1.0)
+    q2, k2, v2 = (torch.randn(t, h, hd, dtype=BF16, device=dev) for h in (hq, hk, hk))
+    rq, rk = ref.rotary_embedding(q2.clone(), k2.clone(), pos, cache)
+    ref.write_kv_cache(rk, v2, want_c, slots)
+    triton_rope.rotary_embedding_and_write_kv(q2, k2, v2, pos, cache, kvc, slots)
+    check(run, "rope + write_kv_cache fused (q)", rel_err(q2, rq))
+    check(run, "rope + write_kv_cache fused (cache)", rel_err(kvc, want_c))
 
     hq, hk, hd = (4, 2, 32) if s else (HQ, HK, HD)
     cases = ([("ragged b3", [40, 3, 17])] if s else
@@ -345,26 +351,45 @@ def tune_decode(run: Run, base: DecodeConfig) -> DecodeConfig:
     small = [(1, 64 if run.smoke else 4096, (2, 4) if run.smoke else (16, 32, 64))]
     if not run.smoke:
         small.append((16, 4096, (2, 4, 8)))
-    variants = [(False, False), (True, False), (False, True), (True, True)]
+    # (interleave, pdl, merge in the split kernel)
+    variants = [(False, False, False), (True, False, False), (True, True, False),
+                (False, False, True), (True, False, True)]
     totals: dict[tuple, float] = {}
     for batch, ctx, splits in small:
         st = decode_setup(run, batch, ctx)
-        run.say(f"decode split path at {batch}x{ctx}, us for splits {splits}, "
-                "[ranges | interleaved | ranges+pdl | interleaved+pdl]:")
+        run.say(f"decode split path at {batch}x{ctx}, us for splits {splits}, [ranges | "
+                "interleaved | interleaved+pdl | ranges+in-kernel merge | "
+                "interleaved+in-kernel merge]:")
         for bn, w, sg in SPLIT_TUNE[:2] if run.smoke else SPLIT_TUNE:
             cells = []
-            for inter, pdl in variants:
+            for inter, pdl, merge in variants:
                 cfg = replace(best, split_block_n=bn, split_num_warps=w, split_num_stages=sg,
-                              interleave=inter, pdl=pdl)
+                              interleave=inter, pdl=pdl, merge_in_kernel=merge)
                 ts = [_try_time(run, st, replace(cfg, num_splits=k)) * 1e6 for k in splits]
-                key = (bn, w, sg, inter, pdl)
+                key = (bn, w, sg, inter, pdl, merge)
                 totals[key] = totals.get(key, 0.0) + min(ts) / (1 if batch == 1 else 6)
                 cells.append(" ".join(f"{t:.1f}" for t in ts))
             run.say(f"  block_n {bn:4d} warps {w} stages {sg}: " + " | ".join(cells))
         del st
-    bn, w, sg, inter, pdl = min(totals, key=totals.get)  # B=1 weighs most: it is the goal
+    bn, w, sg, inter, pdl, merge = min(totals, key=totals.get)  # B=1 weighs most: the goal
     best = replace(best, split_block_n=bn, split_num_warps=w, split_num_stages=sg,
-                   interleave=inter, pdl=pdl)
+                   interleave=inter, pdl=pdl, merge_in_kernel=merge)
+    if best.merge_in_kernel:  # the merge's knobs, and launching by PDL in a chain
+        knobs = [(half, chain, chunk) for half in (False, True) for chain in (False, True)
+                 for chunk in (8, 16)]
+        shapes = [(1, 64)] if run.smoke else [(1, 4096), (1, 512), (16, 4096)]
+        first = {}
+        run.say("in-kernel merge, us per (16-bit partials, PDL chain, merge_chunk):")
+        for batch, ctx in shapes:
+            st = decode_setup(run, batch, ctx)
+            cells = {k: _try_time(run, st, replace(best, partials_16bit=k[0], pdl_chain=k[1],
+                                                   merge_chunk=k[2])) * 1e6 for k in knobs}
+            first = first or cells  # B=1 x the longest context decides
+            run.say(f"  {batch}x{ctx}: " + " ".join(
+                f"({int(h)},{int(c)},{n}):{t:.1f}" for (h, c, n), t in cells.items()))
+            del st
+        half, chain, chunk = min(first, key=first.get)
+        best = replace(best, partials_16bit=half, pdl_chain=chain, merge_chunk=chunk)
     run.say(f"decode split sweep (us; {best}; splits:time):")
     shapes = ([(1, 64)] if run.smoke else
               [(b, c) for b in (1, 16) for c in (512, 4096, 16384)] + [(64, 4096)])

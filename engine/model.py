@@ -97,8 +97,8 @@ class DecoderLayer(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        ops.rotary_embedding(q, k, positions, cos_sin)
-        ops.write_kv_cache(k, v, kv_cache, attn.slot_mapping)
+        ops.rotary_embedding_and_write_kv(q, k, v, positions, cos_sin, kv_cache,
+                                          attn.slot_mapping)
         if after_kv_write is not None:
             after_kv_write()  # this layer's KV is final: a connector may start sending it
         if attn.is_decode:
@@ -151,7 +151,7 @@ class LlamaModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed if self.lm_head is None else self.lm_head
-        return F.linear(hidden, weight).float()
+        return ops.linear(hidden, weight).float()
 
     def load_weights(self, model_dir: Path, show_progress: bool = False) -> None:
         state = load_state(model_dir, show_progress)

@@ -84,6 +84,20 @@ def write_kv_cache(
     reference.write_kv_cache(key, value, kv_cache, slot_mapping)
 
 
+def rotary_embedding_and_write_kv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> None:
+    """RoPE on q and k in place, then K and V into the cache: one kernel on CUDA."""
+    if use_triton(q):
+        from kernels import triton_rope
+        triton_rope.rotary_embedding_and_write_kv(q, k, v, positions, cos_sin_cache,
+                                                  kv_cache, slot_mapping)
+        return
+    reference.rotary_embedding(q, k, positions, cos_sin_cache)
+    reference.write_kv_cache(k, v, kv_cache, slot_mapping)
+
+
 def paged_decode_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
     context_lens: torch.Tensor, scale: float,

@@ -10,8 +10,10 @@ token at a time, so any block_size works and a context may end mid-block.
 
 Split-KV (flash-decoding): when batch x KV heads is too few programs to fill the GPU, each
 sequence's context is dealt out to ``num_splits`` programs (split s takes tiles s, s+S, ...)
-that each write a partial (normalised output, log-sum-exp) pair; a second kernel merges
-them, launched early by programmatic dependent launch when its grid is small. The split
+that each write a partial (normalised output, log-sum-exp) pair. The last program of a
+(sequence, KV head) to finish -- it draws the last ticket from a counter -- merges them, so
+the whole call is one kernel (a second merge kernel, launched early by programmatic
+dependent launch, remains as the fallback and for comparison). The split
 count is picked on the host from shapes alone -- batch x KV heads vs the SM count, and the
 longest context the block table can hold -- and each sequence deals out its own context
 inside the kernel. Nothing reads a device value on the host, so the call can be captured
@@ -30,6 +32,9 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 _LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
+# Ticket counters for the in-kernel merge, one per (sequence, KV head) of a split launch.
+# Split launches only happen below ~4 programs per SM, far fewer than this.
+MAX_TICKETS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +57,15 @@ class DecodeConfig:
     # (batch x query heads) fits beside the split kernel: it hides the merge's launch
     # latency; a larger merge grid only squats on SMs the split kernel still needs.
     pdl: bool = True
+    # Merge in the split kernel's last-arriving program instead of a second kernel: on an
+    # H200 a dependent launch costs ~1.5-2 us inside a graph, a sixth of 1 x 4096.
+    merge_in_kernel: bool = True
+    merge_chunk: int = 16  # splits merged per step (bounds the merge's registers)
+    # Split partials in q's dtype when it is 16-bit: halves what the merging program reads.
+    partials_16bit: bool = False
+    # Launch by programmatic dependent launch, waiting (griddepcontrol) for the kernel
+    # before it and letting the next one launch early: hides launch latency in a chain.
+    pdl_chain: bool = False
     # About four programs per SM, and no range shorter than one tile.
     waves: float = 4.0
     min_tokens_per_split: int = 64
@@ -66,6 +80,17 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: any small number exercises the split path
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=8)
+def _tickets(device: torch.device) -> torch.Tensor:
+    """The in-kernel merge's counters: zero before and after every launch (the merging
+    program resets its own), so one buffer per device serves every call and every graph
+    replay. Launches on one stream only: two concurrent split launches would share them."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # Allocated inside a capture, it would live in the graph's private pool.
+        raise RuntimeError("paged decode attention must run once before CUDA graph capture")
+    return torch.zeros(MAX_TICKETS, dtype=torch.int32, device=device)
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int,
@@ -105,7 +130,7 @@ def _attend_tile(acc, m_i, l_i, q, k_base, stride_kv, off, tmask, d, dmask, qk_s
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, kv_ptr, bt_ptr, ctx_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
+    q_ptr, kv_ptr, bt_ptr, ctx_ptr, out_ptr, mid_o_ptr, mid_lse_ptr, ticket_ptr,
     qk_scale,
     stride_qb, stride_qh,
     stride_kv, stride_blk, stride_tok, stride_kh,
@@ -115,10 +140,15 @@ def _decode_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
     SPLIT: tl.constexpr, INTERLEAVE: tl.constexpr, UPCAST: tl.constexpr,  # INTERLEAVE: SPLIT
     PRECISION: tl.constexpr, EVEN_D: tl.constexpr, USE_PDL: tl.constexpr,
+    MERGE: tl.constexpr, MERGE_H: tl.constexpr, BLOCK_S: tl.constexpr,
+    S_CHUNK: tl.constexpr, PDL_CHAIN: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    if PDL_CHAIN:
+        gdc_launch_dependents()
+        gdc_wait()  # q, the cache and the tables come from kernels before this one
     if USE_PDL:
         # Let the merge kernel be scheduled now; it waits (gdc_wait) for our results.
         gdc_launch_dependents()
@@ -175,12 +205,58 @@ def _decode_kernel(
     omask = hmask[:, None] & dmask[None, :]
     if SPLIT:
         row = (b * tl.num_programs(1) * GROUP + heads).to(tl.int64) * num_splits + split
-        tl.store(mid_o_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=omask)
+        tl.store(mid_o_ptr + row[:, None] * HEAD_DIM + d[None, :],
+                 o.to(mid_o_ptr.dtype.element_ty), mask=omask)
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(mid_lse_ptr + row, lse, mask=hmask)
+        if MERGE:
+            # Every thread's partial is stored before the ticket is drawn; the draw is a
+            # gpu-scope acquire-release, so the last drawer sees every program's partials.
+            tl.debug_barrier()
+            ticket = ticket_ptr + b * tl.num_programs(1) + kvh
+            if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+                tl.atomic_xchg(ticket, 0, sem="relaxed", scope="gpu")  # for the next launch
+                mh = tl.arange(0, MERGE_H)
+                mheads = kvh * GROUP + mh
+                _merge_heads(mid_o_ptr, mid_lse_ptr, out_ptr,
+                             b * tl.num_programs(1) * GROUP + mheads,
+                             b.to(tl.int64) * stride_ob + mheads * stride_oh, mh < GROUP,
+                             num_splits, HEAD_DIM, BLOCK_D, MERGE_H, BLOCK_S, S_CHUNK)
     else:
         tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _merge_heads(mid_o_ptr, mid_lse_ptr, out_ptr, rows, out_offs, hmask, num_splits,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MERGE_H: tl.constexpr,
+                 BLOCK_S: tl.constexpr, S_CHUNK: tl.constexpr):
+    """Merge the split partials of MERGE_H heads (partial rows ``rows``, a row being
+    sequence x query heads + head) into ``out``. Partials are read past L1 (.cg): other
+    SMs wrote them."""
+    base = rows.to(tl.int64)[:, None] * num_splits
+    s = tl.arange(0, BLOCK_S)
+    lse = tl.load(mid_lse_ptr + base + s[None, :], mask=hmask[:, None] & (s < num_splits)[None, :],
+                  other=float("-inf"), cache_modifier=".cg")
+    top = tl.max(lse, axis=1)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    den = tl.sum(tl.exp2(lse - top[:, None]), axis=1)  # empty splits carry -inf: weight 0
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < HEAD_DIM
+    c = tl.arange(0, S_CHUNK)
+    acc = tl.zeros([MERGE_H, BLOCK_D], tl.float32)
+    for s0 in tl.static_range(0, BLOCK_S, S_CHUNK):
+        smask = hmask[:, None] & (s0 + c < num_splits)[None, :]
+        row = base + s0 + c[None, :]
+        w = tl.exp2(tl.load(mid_lse_ptr + row, mask=smask, other=float("-inf"),
+                            cache_modifier=".cg") - top[:, None])
+        o = tl.load(mid_o_ptr + row[:, :, None] * HEAD_DIM + d[None, None, :],
+                    mask=smask[:, :, None] & dmask[None, None, :], other=0.0,
+                    cache_modifier=".cg").to(tl.float32)
+        acc += tl.sum(w[:, :, None] * o, axis=1)
+    res = acc / tl.where(den > 0.0, den, 1.0)[:, None]
+    tl.store(out_ptr + out_offs[:, None] + d[None, :], res.to(out_ptr.dtype.element_ty),
+             mask=hmask[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -188,28 +264,16 @@ def _merge_kernel(
     mid_o_ptr, mid_lse_ptr, out_ptr,
     stride_ob, stride_oh, num_heads, num_splits,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    S_CHUNK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     if USE_PDL:
         gdc_wait()  # launched early (programmatic dependent launch): wait for the partials
-    s = tl.arange(0, BLOCK_S)
-    smask = s < num_splits
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < HEAD_DIM
-    row = (b * num_heads + h).to(tl.int64) * num_splits + s
-    lse = tl.load(mid_lse_ptr + row, mask=smask, other=float("-inf"))
-    top = tl.max(lse, axis=0)
-    top = tl.where(top == float("-inf"), 0.0, top)
-    w = tl.exp2(lse - top)  # empty splits carry -inf: weight 0
-    o = tl.load(mid_o_ptr + row[:, None] * HEAD_DIM + d[None, :],
-                mask=smask[:, None] & dmask[None, :], other=0.0)
-    num = tl.sum(w[:, None] * o, axis=0)
-    den = tl.sum(w, axis=0)
-    res = num / tl.where(den > 0.0, den, 1.0)
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + d,
-             res.to(out_ptr.dtype.element_ty), mask=dmask)
+    one = tl.arange(0, 1)
+    _merge_heads(mid_o_ptr, mid_lse_ptr, out_ptr, b * num_heads + h + one,
+                 b.to(tl.int64) * stride_ob + h * stride_oh + one, one == 0, num_splits,
+                 HEAD_DIM, BLOCK_D, 1, BLOCK_S, S_CHUNK)
 
 
 def decode_attention_out(
@@ -242,14 +306,20 @@ def decode_attention_out(
     block_h = max(16, triton.next_power_of_2(group))
     block_d = triton.next_power_of_2(head_dim)
     if splits > 1:
-        mid_o = torch.empty((batch, num_heads, splits, head_dim), dtype=torch.float32,
-                            device=q.device)
+        half = cfg.partials_16bit and q.element_size() == 2
+        mid_o = torch.empty((batch, num_heads, splits, head_dim),
+                            dtype=q.dtype if half else torch.float32, device=q.device)
         mid_lse = torch.empty((batch, num_heads, splits), dtype=torch.float32, device=q.device)
     else:
         mid_o = mid_lse = out  # unused
     split = splits > 1
+    merge = split and cfg.merge_in_kernel and batch * num_kv_heads <= MAX_TICKETS
+    tickets = _tickets(q.device) if merge else out  # unused unless merging in-kernel
+    chain = cfg.pdl_chain and not upcast and (merge or not split)
+    block_s = triton.next_power_of_2(splits)
+    s_chunk = min(block_s, cfg.merge_chunk)
     _decode_kernel[(batch, num_kv_heads, splits)](
-        q, kv_cache, block_tables, context_lens, out, mid_o, mid_lse,
+        q, kv_cache, block_tables, context_lens, out, mid_o, mid_lse, tickets,
         scale * _LOG2E,
         q.stride(0), q.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
@@ -258,14 +328,16 @@ def decode_attention_out(
         GROUP=group, BLOCK_H=block_h, BLOCK_N=cfg.split_block_n if split else cfg.block_n,
         HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page, SPLIT=split,
         INTERLEAVE=cfg.interleave and split, UPCAST=upcast, PRECISION=precision,
-        EVEN_D=block_d == head_dim, USE_PDL=pdl and split,
-        num_warps=cfg.split_num_warps if split else cfg.num_warps,
+        EVEN_D=block_d == head_dim, USE_PDL=pdl and split and not merge,
+        MERGE=merge, MERGE_H=triton.next_power_of_2(group), BLOCK_S=block_s, S_CHUNK=s_chunk,
+        PDL_CHAIN=chain, num_warps=cfg.split_num_warps if split else cfg.num_warps,
         num_stages=split_stages if split else cfg.num_stages,
+        **({"launch_pdl": True} if chain else {}),
     )
-    if splits > 1:
+    if split and not merge:
         _merge_kernel[(batch, num_heads)](
             mid_o, mid_lse, out, out.stride(0), out.stride(1), num_heads, splits,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s, S_CHUNK=s_chunk,
             USE_PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}),
         )
     return out

@@ -18,10 +18,13 @@ HEAD_DIM = 32
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("heads", [(4, 2), (2, 2)], ids=["gqa", "mha"])
-@pytest.mark.parametrize("num_splits,interleave", [(1, False), (3, False), (3, True)],
-                         ids=["single", "split-ranges", "split-interleaved"])
-def test_decode_matches_reference(dtype, block_size, heads, num_splits, interleave, gen,
-                                  rel_err, paged_kv, tol):
+@pytest.mark.parametrize("num_splits,interleave,merge_in_kernel",
+                         [(1, False, True), (3, False, True), (3, True, True),
+                          (3, True, False)],
+                         ids=["single", "split-ranges", "split-interleaved",
+                              "split-merge-kernel"])
+def test_decode_matches_reference(dtype, block_size, heads, num_splits, interleave,
+                                  merge_in_kernel, gen, rel_err, paged_kv, tol):
     hq, hk = heads
     # Ragged, ending mid-block, one exactly on a block edge, one shorter than a tile.
     lens = [block_size * 2 + 5, 3, block_size, 71]
@@ -30,7 +33,7 @@ def test_decode_matches_reference(dtype, block_size, heads, num_splits, interlea
     out = torch.full_like(q, float("nan"))
     decode_attention_out(q, kv.kv_cache, kv.block_tables, kv.context_lens, 0.17, out,
                          DecodeConfig(block_n=16, split_block_n=16, num_splits=num_splits,
-                                      interleave=interleave))
+                                      interleave=interleave, merge_in_kernel=merge_in_kernel))
     ref = reference.paged_decode_attention(q, kv.kv_cache, kv.block_tables,
                                            kv.context_lens, 0.17)
     assert rel_err(out, ref) < tol[dtype]
@@ -44,6 +47,38 @@ def test_decode_bf16_through_the_dispatcher(gen, rel_err, paged_kv):
     ref = reference.paged_decode_attention(q, kv.kv_cache, kv.block_tables,
                                            kv.context_lens, 0.2)
     assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("merge_in_kernel", [True, False])
+def test_decode_merges_more_splits_than_one_merge_chunk(merge_in_kernel, gen, rel_err,
+                                                        paged_kv):
+    # 5 splits merged 2 at a time (a ragged last chunk); twice, so the in-kernel merge's
+    # ticket counters must have been reset by the first call.
+    kv = paged_kv([150, 40, 1], 16, 2, HEAD_DIM, torch.float32, gen)
+    cfg = DecodeConfig(split_block_n=16, num_splits=5, merge_in_kernel=merge_in_kernel,
+                       merge_chunk=2)
+    for _ in range(2):
+        q = torch.randn(3, 4, HEAD_DIM, generator=gen)
+        out = torch.full_like(q, float("nan"))
+        decode_attention_out(q, kv.kv_cache, kv.block_tables, kv.context_lens, 0.2, out, cfg)
+        want = reference.paged_decode_attention(q, kv.kv_cache, kv.block_tables,
+                                                kv.context_lens, 0.2)
+        assert rel_err(out, want) < 1e-4
+    from kernels.triton_decode_attention import _tickets
+    assert int(_tickets(q.device).abs().sum()) == 0
+
+
+@pytest.mark.parametrize("merge_in_kernel", [True, False])
+def test_decode_with_16bit_split_partials(merge_in_kernel, gen, rel_err, paged_kv, tol):
+    kv = paged_kv([150, 7], 16, 2, HEAD_DIM, torch.float16, gen)
+    q = torch.randn(2, 4, HEAD_DIM, generator=gen).to(torch.float16)
+    out = torch.full_like(q, float("nan"))
+    cfg = DecodeConfig(split_block_n=16, num_splits=4, merge_in_kernel=merge_in_kernel,
+                       partials_16bit=True)
+    decode_attention_out(q, kv.kv_cache, kv.block_tables, kv.context_lens, 0.2, out, cfg)
+    want = reference.paged_decode_attention(q, kv.kv_cache, kv.block_tables,
+                                            kv.context_lens, 0.2)
+    assert rel_err(out, want) < tol[torch.float16]
 
 
 def test_split_heuristic_splits_small_batches_of_long_contexts_only():

@@ -88,29 +88,30 @@ def test_dispatcher_runs_triton_under_the_interpreter(gen, rel_err):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("m,n,k,bias", [(1, 40, 96, False), (5, 48, 300, True),
-                                        (16, 33, 64, True)])
-def test_gemv_matches_reference(dtype, m, n, k, bias, gen, rel_err, tol):
+@pytest.mark.parametrize("n,k,bias,block_k", [(40, 96, False, 32), (48, 300, True, 64),
+                                              (33, 256, True, 64), (7, 64, False, 64)])
+def test_gemv_matches_reference(dtype, n, k, bias, block_k, gen, rel_err, tol):
+    # Several K steps, K that is not a multiple of the tile, and a ragged last row tile.
     from kernels import triton_gemv
 
-    x = torch.randn(m, k, generator=gen).to(dtype)
+    x = torch.randn(1, k, generator=gen).to(dtype)
     w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype)
     b = torch.randn(n, generator=gen).to(dtype) if bias else None
-    out = torch.full((m, n), float("nan"), dtype=dtype)
-    cfg = triton_gemv.GemvConfig(block_n=16, block_k=64)  # several K steps, a ragged N tile
-    triton_gemv.linear_out(x, w, b, out, cfg)
+    out = torch.full((1, n), float("nan"), dtype=dtype)
+    triton_gemv.linear_out(x, w, b, out, triton_gemv.GemvConfig(block_n=4, block_k=block_k))
     ref = reference.linear(x.float(), w.float(), None if b is None else b.float())
     assert rel_err(out.float(), ref) < tol[dtype]
 
 
-def test_the_dispatcher_takes_the_gemv_for_a_decode_batch_when_enabled(
+def test_the_dispatcher_takes_the_gemv_for_a_batch_of_one_when_enabled(
         gen, rel_err, tol, monkeypatch):
     from kernels import triton_gemv
 
     monkeypatch.setattr(triton_gemv, "MAX_WEIGHT_ELEMENTS", 32 << 20)
-    assert triton_gemv.prefers_gemv(2, 32, 64) and not triton_gemv.prefers_gemv(40, 32, 64)
-    x = torch.randn(2, 64, generator=gen)
+    assert triton_gemv.prefers_gemv(1, 32, 64)
+    assert not triton_gemv.prefers_gemv(2, 32, 64)
+    assert not triton_gemv.prefers_gemv(1, 1 << 16, 1 << 10)  # over the size limit
     w = torch.randn(32, 64, generator=gen)
-    assert rel_err(ops.linear(x, w), reference.linear(x, w)) < tol[torch.float32]
-    big = torch.randn(40, 64, generator=gen)  # above MAX_M: the reference path
-    assert rel_err(ops.linear(big, w), reference.linear(big, w)) < tol[torch.float32]
+    for rows in (1, 3):  # one row: the GEMV; more: the reference path
+        x = torch.randn(rows, 64, generator=gen)
+        assert rel_err(ops.linear(x, w), reference.linear(x, w)) < tol[torch.float32]
