@@ -68,19 +68,6 @@ def test_decode_merges_more_splits_than_one_merge_chunk(merge_in_kernel, gen, re
     assert int(_tickets(q.device).abs().sum()) == 0
 
 
-@pytest.mark.parametrize("merge_in_kernel", [True, False])
-def test_decode_with_16bit_split_partials(merge_in_kernel, gen, rel_err, paged_kv, tol):
-    kv = paged_kv([150, 7], 16, 2, HEAD_DIM, torch.float16, gen)
-    q = torch.randn(2, 4, HEAD_DIM, generator=gen).to(torch.float16)
-    out = torch.full_like(q, float("nan"))
-    cfg = DecodeConfig(split_block_n=16, num_splits=4, merge_in_kernel=merge_in_kernel,
-                       partials_16bit=True)
-    decode_attention_out(q, kv.kv_cache, kv.block_tables, kv.context_lens, 0.2, out, cfg)
-    want = reference.paged_decode_attention(q, kv.kv_cache, kv.block_tables,
-                                            kv.context_lens, 0.2)
-    assert rel_err(out, want) < tol[torch.float16]
-
-
 def test_split_heuristic_splits_small_batches_of_long_contexts_only():
     sms = 132
     assert choose_num_splits(1, 8, 4096, sms) > 1
