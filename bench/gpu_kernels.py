@@ -374,21 +374,18 @@ def tune_decode(run: Run, base: DecodeConfig) -> DecodeConfig:
     bn, w, sg, inter, pdl, merge = min(totals, key=totals.get)  # B=1 weighs most: the goal
     best = replace(best, split_block_n=bn, split_num_warps=w, split_num_stages=sg,
                    interleave=inter, pdl=pdl, merge_in_kernel=merge)
-    if best.merge_in_kernel:  # the merge's chunk, and launching by PDL in a chain
-        knobs = [(chain, chunk) for chain in (False, True) for chunk in (8, 16)]
+    if best.merge_in_kernel:  # launching by PDL in a chain, or not
         shapes = [(1, 64)] if run.smoke else [(1, 4096), (1, 512), (16, 4096)]
         first = {}
-        run.say("in-kernel merge, us per (PDL chain, merge_chunk):")
+        run.say("in-kernel merge, us without | with the PDL chain:")
         for batch, ctx in shapes:
             st = decode_setup(run, batch, ctx)
-            cells = {k: _try_time(run, st, replace(best, pdl_chain=k[0], merge_chunk=k[1]))
-                     * 1e6 for k in knobs}
+            cells = {c: _try_time(run, st, replace(best, pdl_chain=c)) * 1e6
+                     for c in (False, True)}
             first = first or cells  # B=1 x the longest context decides
-            run.say(f"  {batch}x{ctx}: " + " ".join(
-                f"({int(c)},{n}):{t:.1f}" for (c, n), t in cells.items()))
+            run.say(f"  {batch}x{ctx}: {cells[False]:.1f} | {cells[True]:.1f}")
             del st
-        chain, chunk = min(first, key=first.get)
-        best = replace(best, pdl_chain=chain, merge_chunk=chunk)
+        best = replace(best, pdl_chain=min(first, key=first.get))
     run.say(f"decode split sweep (us; {best}; splits:time):")
     shapes = ([(1, 64)] if run.smoke else
               [(b, c) for b in (1, 16) for c in (512, 4096, 16384)] + [(64, 4096)])
