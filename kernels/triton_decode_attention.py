@@ -60,6 +60,7 @@ class DecodeConfig:
     # Merge in the split kernel's last-arriving program instead of a second kernel: on an
     # H200 a dependent launch costs ~1.5-2 us inside a graph, a sixth of 1 x 4096.
     merge_in_kernel: bool = True
+    merge_chunk: int = 8  # splits merged per step (bounds the merge's registers)
     # Launch by programmatic dependent launch, waiting (griddepcontrol) for the kernel
     # before it and letting the next one launch early: hides launch latency in a chain
     # (1 x 4096 on an H200: 10.8 -> 10.1 us).
@@ -139,7 +140,7 @@ def _decode_kernel(
     SPLIT: tl.constexpr, INTERLEAVE: tl.constexpr, UPCAST: tl.constexpr,  # INTERLEAVE: SPLIT
     PRECISION: tl.constexpr, EVEN_D: tl.constexpr, USE_PDL: tl.constexpr,
     MERGE: tl.constexpr, MERGE_H: tl.constexpr, BLOCK_S: tl.constexpr,
-    PDL_CHAIN: tl.constexpr,
+    S_CHUNK: tl.constexpr, PDL_CHAIN: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -218,7 +219,7 @@ def _decode_kernel(
                 _merge_heads(mid_o_ptr, mid_lse_ptr, out_ptr,
                              b * tl.num_programs(1) * GROUP + mheads,
                              b.to(tl.int64) * stride_ob + mheads * stride_oh, mh < GROUP,
-                             num_splits, HEAD_DIM, BLOCK_D, MERGE_H, BLOCK_S)
+                             num_splits, HEAD_DIM, BLOCK_D, MERGE_H, BLOCK_S, S_CHUNK)
     else:
         tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=omask)
@@ -227,31 +228,31 @@ def _decode_kernel(
 @triton.jit
 def _merge_heads(mid_o_ptr, mid_lse_ptr, out_ptr, rows, out_offs, hmask, num_splits,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MERGE_H: tl.constexpr,
-                 BLOCK_S: tl.constexpr):
+                 BLOCK_S: tl.constexpr, S_CHUNK: tl.constexpr):
     """Merge the split partials of MERGE_H heads (partial rows ``rows``, a row being
     sequence x query heads + head) into ``out``. Partials are read past L1 (.cg): other
-    SMs wrote them. One split per unrolled step, each thread owning the same few outputs
-    throughout: no cross-thread reduction (and so no barrier) between the loads, which
-    lets them all be in flight at once -- a split axis reduced across threads cost one
-    L2 round trip per chunk (bench/gpu_decode_floor.py)."""
-    base = rows.to(tl.int64) * num_splits
+    SMs wrote them. Chunks of S_CHUNK splits: one split per fully unrolled step was no
+    faster alone and, unrolled 64 times, slowed the 8B decode step by 8% (GPU_NOTES.md)."""
+    base = rows.to(tl.int64)[:, None] * num_splits
     s = tl.arange(0, BLOCK_S)
-    lse = tl.load(mid_lse_ptr + base[:, None] + s[None, :],
-                  mask=hmask[:, None] & (s < num_splits)[None, :], other=float("-inf"),
-                  cache_modifier=".cg")
+    lse = tl.load(mid_lse_ptr + base + s[None, :], mask=hmask[:, None] & (s < num_splits)[None, :],
+                  other=float("-inf"), cache_modifier=".cg")
     top = tl.max(lse, axis=1)
     top = tl.where(top == float("-inf"), 0.0, top)
     den = tl.sum(tl.exp2(lse - top[:, None]), axis=1)  # empty splits carry -inf: weight 0
     d = tl.arange(0, BLOCK_D)
     dmask = d < HEAD_DIM
+    c = tl.arange(0, S_CHUNK)
     acc = tl.zeros([MERGE_H, BLOCK_D], tl.float32)
-    for i in tl.static_range(BLOCK_S):
-        live = hmask & (i < num_splits)
-        w = tl.exp2(tl.load(mid_lse_ptr + base + i, mask=live, other=float("-inf"),
-                            cache_modifier=".cg") - top)
-        o = tl.load(mid_o_ptr + (base + i)[:, None] * HEAD_DIM + d[None, :],
-                    mask=live[:, None] & dmask[None, :], other=0.0, cache_modifier=".cg")
-        acc += w[:, None] * o
+    for s0 in tl.static_range(0, BLOCK_S, S_CHUNK):
+        smask = hmask[:, None] & (s0 + c < num_splits)[None, :]
+        row = base + s0 + c[None, :]
+        w = tl.exp2(tl.load(mid_lse_ptr + row, mask=smask, other=float("-inf"),
+                            cache_modifier=".cg") - top[:, None])
+        o = tl.load(mid_o_ptr + row[:, :, None] * HEAD_DIM + d[None, None, :],
+                    mask=smask[:, :, None] & dmask[None, None, :], other=0.0,
+                    cache_modifier=".cg")
+        acc += tl.sum(w[:, :, None] * o, axis=1)
     res = acc / tl.where(den > 0.0, den, 1.0)[:, None]
     tl.store(out_ptr + out_offs[:, None] + d[None, :], res.to(out_ptr.dtype.element_ty),
              mask=hmask[:, None] & dmask[None, :])
@@ -262,7 +263,7 @@ def _merge_kernel(
     mid_o_ptr, mid_lse_ptr, out_ptr,
     stride_ob, stride_oh, num_heads, num_splits,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    S_CHUNK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -271,7 +272,7 @@ def _merge_kernel(
     one = tl.arange(0, 1)
     _merge_heads(mid_o_ptr, mid_lse_ptr, out_ptr, b * num_heads + h + one,
                  b.to(tl.int64) * stride_ob + h * stride_oh + one, one == 0, num_splits,
-                 HEAD_DIM, BLOCK_D, 1, BLOCK_S)
+                 HEAD_DIM, BLOCK_D, 1, BLOCK_S, S_CHUNK)
 
 
 def decode_attention_out(
@@ -314,6 +315,7 @@ def decode_attention_out(
     tickets = _tickets(q.device) if merge else out  # unused unless merging in-kernel
     chain = cfg.pdl_chain and not upcast and (merge or not split)
     block_s = triton.next_power_of_2(splits)
+    s_chunk = min(block_s, cfg.merge_chunk)
     _decode_kernel[(batch, num_kv_heads, splits)](
         q, kv_cache, block_tables, context_lens, out, mid_o, mid_lse, tickets,
         scale * _LOG2E,
@@ -325,7 +327,7 @@ def decode_attention_out(
         HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page, SPLIT=split,
         INTERLEAVE=cfg.interleave and split, UPCAST=upcast, PRECISION=precision,
         EVEN_D=block_d == head_dim, USE_PDL=pdl and split and not merge,
-        MERGE=merge, MERGE_H=triton.next_power_of_2(group), BLOCK_S=block_s,
+        MERGE=merge, MERGE_H=triton.next_power_of_2(group), BLOCK_S=block_s, S_CHUNK=s_chunk,
         PDL_CHAIN=chain, num_warps=cfg.split_num_warps if split else cfg.num_warps,
         num_stages=split_stages if split else cfg.num_stages,
         **({"launch_pdl": True} if chain else {}),
@@ -333,7 +335,8 @@ def decode_attention_out(
     if split and not merge:
         _merge_kernel[(batch, num_heads)](
             mid_o, mid_lse, out, out.stride(0), out.stride(1), num_heads, splits,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s, USE_PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=block_s, S_CHUNK=s_chunk,
+            USE_PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}),
         )
     return out
 

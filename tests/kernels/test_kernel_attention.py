@@ -50,12 +50,13 @@ def test_decode_bf16_through_the_dispatcher(gen, rel_err, paged_kv):
 
 
 @pytest.mark.parametrize("merge_in_kernel", [True, False])
-def test_decode_merges_a_split_count_that_is_not_a_power_of_two(merge_in_kernel, gen,
-                                                                rel_err, paged_kv):
-    # 5 splits (the merge masks 3 of its 8 steps); twice, so the in-kernel merge's
+def test_decode_merges_more_splits_than_one_merge_chunk(merge_in_kernel, gen, rel_err,
+                                                        paged_kv):
+    # 5 splits merged 2 at a time (a ragged last chunk); twice, so the in-kernel merge's
     # ticket counters must have been reset by the first call.
     kv = paged_kv([150, 40, 1], 16, 2, HEAD_DIM, torch.float32, gen)
-    cfg = DecodeConfig(split_block_n=16, num_splits=5, merge_in_kernel=merge_in_kernel)
+    cfg = DecodeConfig(split_block_n=16, num_splits=5, merge_in_kernel=merge_in_kernel,
+                       merge_chunk=2)
     for _ in range(2):
         q = torch.randn(3, 4, HEAD_DIM, generator=gen)
         out = torch.full_like(q, float("nan"))
