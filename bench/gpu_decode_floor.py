@@ -34,8 +34,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: E402
 
-from gpu_kernels import (HK, HD, Run, baselines, decode_setup, n_sets_for,  # noqa: E402
-                         size_matched_copy, time_calls, time_decode)
+from gpu_attention_cases import HD, HK, decode_setup, time_decode  # noqa: E402
+from gpu_timing import Run, baselines, n_sets_for, size_matched_copy, time_calls  # noqa: E402
 from kernels.triton_decode_attention import DecodeConfig  # noqa: E402
 
 GROUP_PROGRAMS = 64  # splits per KV head
@@ -148,7 +148,7 @@ def main() -> int:
             ("3d. paged + two-level merge (8 x 8)", variant(True, TWO_LEVEL)),
             ("4. 3a + PDL chain", variant(True, FLAT, chain=True))]
     assert int(tickets.sum()) == 0, "tickets must return to zero"
-    del srcs
+    srcs.clear()  # free them before the real kernel's own inputs
     st = decode_setup(run, batch, ctx)
     rows.append(("paged decode attention (default config)", time_decode(run, st, DecodeConfig())))
     rows.append(("paged decode attention, 32 splits of 128-token tiles",

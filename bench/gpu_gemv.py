@@ -28,7 +28,7 @@ if "--smoke" in sys.argv:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from gpu_kernels import Run, check, n_sets_for, rel_err, time_calls  # noqa: E402
+from gpu_timing import Run, check, n_sets_for, rel_err, time_calls  # noqa: E402
 from kernels.triton_gemv import GemvConfig, linear_out  # noqa: E402
 
 # (name, N, K, calls per 8B step)
@@ -41,30 +41,37 @@ GEMV_SWEEP = [GemvConfig(bn, bk, w, st)
               for w in (4, 8) for st in (1, 3)]
 
 
+def time_shape(run: Run, name: str, n: int, k: int, configs: list[GemvConfig]) -> dict:
+    """Checks the GEMV on one weight shape, then seconds per call of cuBLAS and of each
+    config: {"cublas": t, config_index: t}. The weight copies are freed on return."""
+    sets = n_sets_for(run, n * k * 2, cap=16)
+    ws = [torch.randn(n, k, dtype=torch.bfloat16, device=run.dev) / k ** 0.5
+          for _ in range(sets)]
+    xs = [torch.randn(1, k, dtype=torch.bfloat16, device=run.dev) for _ in range(sets)]
+    outs = [torch.empty(1, n, dtype=torch.bfloat16, device=run.dev) for _ in range(sets)]
+    want = F.linear(xs[0].float(), ws[0].float())
+    linear_out(xs[0], ws[0], None, outs[0], configs[0])
+    check(run, f"gemv {name} {n}x{k}", rel_err(outs[0].float(), want))
+    row: dict = {"cublas": time_calls(run, [lambda i=i: F.linear(xs[i], ws[i])
+                                            for i in range(sets)])}
+    for c, cfg in enumerate(configs):
+        try:
+            row[c] = time_calls(run, [lambda i=i: linear_out(xs[i], ws[i], None, outs[i], cfg)
+                                      for i in range(sets)])
+        except Exception as e:  # noqa: BLE001 -- e.g. out of registers: skip the config
+            run.say(f"  {cfg}: {type(e).__name__}: {str(e)[:100]}")
+    return row
+
+
 def sweep(run: Run, shapes: list[tuple[str, int, int, int]], configs: list[GemvConfig]
           ) -> tuple[dict, dict]:
-    """Seconds per call: {shape: {"cublas": t, config_index: t}}."""
+    """Seconds per call: {shape: {"cublas": t, config_index: t}}, and each shape's
+    (N, K, calls per step)."""
     times: dict[str, dict] = {}
     for name, n, k, _ in shapes:
-        sets = n_sets_for(run, n * k * 2, cap=16)
-        ws = [torch.randn(n, k, dtype=torch.bfloat16, device=run.dev) / k ** 0.5
-              for _ in range(sets)]
-        xs = [torch.randn(1, k, dtype=torch.bfloat16, device=run.dev) for _ in range(sets)]
-        outs = [torch.empty(1, n, dtype=torch.bfloat16, device=run.dev) for _ in range(sets)]
-        want = F.linear(xs[0].float(), ws[0].float())
-        linear_out(xs[0], ws[0], None, outs[0], configs[0])
-        check(run, f"gemv {name} {n}x{k}", rel_err(outs[0].float(), want))
-        row: dict = {"cublas": time_calls(run, [lambda i=i: F.linear(xs[i], ws[i])
-                                                for i in range(sets)])}
-        for c, cfg in enumerate(configs):
-            try:
-                row[c] = time_calls(run, [lambda i=i: linear_out(xs[i], ws[i], None, outs[i], cfg)
-                                          for i in range(sets)])
-            except Exception as e:  # noqa: BLE001 -- e.g. out of registers: skip the config
-                run.say(f"  {cfg}: {type(e).__name__}: {str(e)[:100]}")
-        times[name] = row
-        del ws, xs, outs
-        torch.cuda.empty_cache() if run.dev.type == "cuda" else None
+        times[name] = time_shape(run, name, n, k, configs)
+        if run.dev.type == "cuda":
+            torch.cuda.empty_cache()
     return times, {name: (n, k, calls) for name, n, k, calls in shapes}
 
 
