@@ -22,7 +22,8 @@ import triton.language as tl
 @dataclass(frozen=True, slots=True)
 class GemvConfig:
     """The H200 sweep's choice (bench/gpu_gemv.py): one row per program, 2048-wide K steps,
-    8 warps. It beat cuBLAS on every 8B-shaped weight, by 3% (LM head) to 25% (o)."""
+    8 warps. On every 8B-shaped weight it took 74-96% of cuBLAS's time (o and qkv gain most),
+    and 94-100% on the LM head."""
 
     block_n: int = 1
     block_k: int = 2048
