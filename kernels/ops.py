@@ -47,15 +47,6 @@ def fused_add_rms_norm(
     return reference.fused_add_rms_norm(x, residual, weight, eps)
 
 
-def rotary_embedding(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if use_triton(q):
-        from kernels import triton_rope
-        return triton_rope.rotary_embedding(q, k, positions, cos_sin_cache)
-    return reference.rotary_embedding(q, k, positions, cos_sin_cache)
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
            ) -> torch.Tensor:
     """A projection. A single row (a decode step at batch 1) takes the Triton GEMV, which
@@ -72,16 +63,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         from kernels import triton_activation
         return triton_activation.silu_and_mul(x)
     return reference.silu_and_mul(x)
-
-
-def write_kv_cache(
-    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    if use_triton(key):
-        from kernels import triton_kv_write
-        triton_kv_write.write_kv_cache(key, value, kv_cache, slot_mapping)
-        return
-    reference.write_kv_cache(key, value, kv_cache, slot_mapping)
 
 
 def rotary_embedding_and_write_kv(
