@@ -16,10 +16,13 @@ install: $(STAMP) protos
 
 # torch==2.13.0 and triton==3.8.0 lie on this machine's disk; an unpinned torch would pull a
 # multi-GB CUDA build. numpy is listed because Triton's interpreter needs it undeclared.
+# NIXL (the ucx connector) installs without its dependencies: its meta package would pull
+# torch and both CUDA stacks; nixl-cu13 bundles its own UCX and imports on a CPU.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "torch==2.13.0" "triton==3.8.0" numpy
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[test,triton]" --config-settings editable_mode=compat
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps "nixl==1.5.1" "nixl-cu13==1.5.1"
 	touch $(STAMP)
 
 protos: protos/pdserve_pb2.py
@@ -35,8 +38,11 @@ $(MODEL)/config.json: | $(STAMP)
 run: install model
 	$(PDSERVE) up --model $(MODEL) --port $(PORT) --prefill 1 --decode 1
 
-# The kernel suite runs in a process of its own under Triton's interpreter (tests/conftest.py).
+# Static checks first (seconds; mypy's packages and settings are in pyproject.toml), then the
+# suite. The kernel suite runs in a process of its own under Triton's interpreter.
 test: install model
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/kernels
 

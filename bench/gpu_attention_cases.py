@@ -8,8 +8,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-
 from gpu_timing import BF16, Run, n_sets_for, time_calls
+
 from kernels.triton_decode_attention import DecodeConfig, decode_attention_out
 from kernels.triton_prefill_attention import PrefillConfig, prefill_attention_out
 

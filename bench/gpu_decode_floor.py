@@ -29,14 +29,14 @@ import sys
 if "--smoke" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: E402
+import torch
+import triton
+import triton.language as tl
+from gpu_attention_cases import HD, HK, decode_setup, time_decode
+from gpu_timing import Run, baselines, n_sets_for, size_matched_copy, time_calls
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from gpu_attention_cases import HD, HK, decode_setup, time_decode  # noqa: E402
-from gpu_timing import Run, baselines, n_sets_for, size_matched_copy, time_calls  # noqa: E402
-from kernels.triton_decode_attention import DecodeConfig  # noqa: E402
+from kernels.triton_decode_attention import DecodeConfig
 
 GROUP_PROGRAMS = 64  # splits per KV head
 PARTIAL = 512  # floats per program's partial: 4 query heads x 128
@@ -74,10 +74,7 @@ def _stand_in(src, table, partials, partials2, tickets, out, ELEMS: tl.constexpr
     if CHAIN:
         gdc_launch_dependents()
         gdc_wait()
-    if PAGED:
-        base = tl.load(table + pid).to(tl.int64) * ELEMS
-    else:
-        base = pid.to(tl.int64) * ELEMS
+    base = tl.load(table + pid).to(tl.int64) * ELEMS if PAGED else pid.to(tl.int64) * ELEMS
     offs = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], tl.float32)
     for i in tl.static_range(ELEMS // BLOCK):

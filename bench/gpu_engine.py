@@ -26,8 +26,8 @@ import torch
 from engine import LLM, SamplingParams
 from engine.config import ModelConfig, RopeConfig
 from engine.cuda_graphs import DecodeGraphs
-from engine.make_model import make_model
 from engine.model import AttentionMetadata, LlamaModel, rope_cos_sin_cache
+from pdserve.make_model import make_model
 
 
 def check_greedy(tmp: Path) -> list[str]:
@@ -43,7 +43,7 @@ def check_greedy(tmp: Path) -> list[str]:
             llm = LLM(d, device="cuda", max_num_batched_tokens=64, cuda_graphs=graphs,
                       num_kv_blocks=1024)
             gpu = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-            same = sum(a == b for a, b in zip(cpu, gpu))
+            same = sum(a == b for a, b in zip(cpu, gpu, strict=False))
             rows.append(f"| {arch} | graphs={graphs} | {same}/{len(prompts)} prompts x 64 "
                         f"tokens equal the CPU path |")
             print(rows[-1], flush=True)
@@ -74,7 +74,7 @@ def llama3_8b() -> ModelConfig:
         rope=RopeConfig(theta=500000.0), model_id="llama3-8b-shape", torch_dtype="bfloat16")
 
 
-def build_8b(ctx: int, block: int, max_batch: int):  # noqa: ANN201
+def build_8b(ctx: int, block: int, max_batch: int):
     """The 8B-shaped model with random bf16 weights, its KV cache and decode graphs."""
     cfg = llama3_8b()
     max_len = ctx + 64
@@ -96,7 +96,7 @@ def build_8b(ctx: int, block: int, max_batch: int):  # noqa: ANN201
     return cfg, model, kv, blocks_per_seq
 
 
-def decode_inputs(b: int, ctx: int, block: int, blocks_per_seq: int, vocab: int):  # noqa: ANN201
+def decode_inputs(b: int, ctx: int, block: int, blocks_per_seq: int, vocab: int):
     tables = torch.arange(b * blocks_per_seq, dtype=torch.int32,
                           device="cuda").view(b, blocks_per_seq)
     lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
@@ -136,11 +136,13 @@ def time_decode_step(bw: float, label: str, batches: tuple[int, ...] = (1, 16, 6
     for b in batches:
         ids, pos, attn = decode_inputs(b, ctx, block, blocks_per_seq, cfg.vocab_size)
 
-        def eager() -> torch.Tensor:
+        def eager(ids: torch.Tensor = ids, pos: torch.Tensor = pos,
+                  attn: object = attn) -> torch.Tensor:
             h = model(ids, pos, attn, kv)
             return model.logits(h).argmax(-1)
 
-        def graphed() -> torch.Tensor:
+        def graphed(ids: torch.Tensor = ids, pos: torch.Tensor = pos,
+                    attn: object = attn) -> torch.Tensor:
             return graphs.run(ids, pos, attn).argmax(-1)  # the graph ends with the LM head
 
         kv_bytes = b * ctx * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2
@@ -160,7 +162,8 @@ def time_decode_step(bw: float, label: str, batches: tuple[int, ...] = (1, 16, 6
                     e.synchronize()
                     times.append(a.elapsed_time(e) / 1e3)
                 result[name] = statistics.median(times)
-        row = (f"| {label} | {b} | {ctx} | {result['eager'] * 1e3:.2f} | {result['graphs'] * 1e3:.2f} | "
+        row = (f"| {label} | {b} | {ctx} | {result['eager'] * 1e3:.2f} | "
+               f"{result['graphs'] * 1e3:.2f} | "
                f"{b / result['graphs']:.0f} | {floor * 1e3:.2f} | "
                f"{floor / result['graphs'] * 100:.0f}% |")
         print(row, flush=True)

@@ -25,11 +25,11 @@ from dataclasses import asdict
 if "--smoke" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
+from gpu_timing import Run, check, n_sets_for, rel_err, time_calls
 
-from gpu_timing import Run, check, n_sets_for, rel_err, time_calls  # noqa: E402
-from kernels.triton_gemv import GemvConfig, linear_out  # noqa: E402
+from kernels.triton_gemv import GemvConfig, linear_out
 
 # (name, N, K, calls per 8B step)
 SHAPES_8B = [("qkv", 6144, 4096, 32), ("o", 4096, 4096, 32), ("gate_up", 28672, 4096, 32),
@@ -56,9 +56,10 @@ def time_shape(run: Run, name: str, n: int, k: int, configs: list[GemvConfig]) -
                                             for i in range(sets)])}
     for c, cfg in enumerate(configs):
         try:
-            row[c] = time_calls(run, [lambda i=i: linear_out(xs[i], ws[i], None, outs[i], cfg)
-                                      for i in range(sets)])
-        except Exception as e:  # noqa: BLE001 -- e.g. out of registers: skip the config
+            row[c] = time_calls(run, [
+                lambda i=i, cfg=cfg: linear_out(xs[i], ws[i], None, outs[i], cfg)
+                for i in range(sets)])
+        except Exception as e:
             run.say(f"  {cfg}: {type(e).__name__}: {str(e)[:100]}")
     return row
 

@@ -23,28 +23,39 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Callable
 
 if "--smoke" in sys.argv:
     os.environ["TRITON_INTERPRET"] = "1"
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
+from gpu_attention_cases import (
+    HD,
+    HK,
+    HQ,
+    PAGE,
+    DecodeSetup,
+    contiguous_kv,
+    decode_setup,
+    prefill_setup,
+    tables_for,
+    time_decode,
+    time_prefill,
+)
+from gpu_timing import BF16, Run, baselines, check, guarded, rel_err, size_matched_copy, time_calls
+from gpu_tune import tune_decode, tune_prefill
 
-from gpu_attention_cases import (HD, HK, HQ, PAGE, DecodeSetup,  # noqa: E402
-                                 contiguous_kv, decode_setup, prefill_setup,
-                                 tables_for, time_decode, time_prefill)
-from gpu_timing import (BF16, Run, baselines, check, guarded, rel_err,  # noqa: E402
-                        size_matched_copy, time_calls)
-from gpu_tune import tune_decode, tune_prefill  # noqa: E402
-from kernels import reference as ref  # noqa: E402
-from kernels import (triton_activation, triton_kv_write, triton_norm,  # noqa: E402
-                     triton_rope)
-from kernels.triton_decode_attention import (DecodeConfig, choose_num_splits,  # noqa: E402
-                                             decode_attention_out, sm_count)
-from kernels.triton_prefill_attention import (PrefillConfig,  # noqa: E402
-                                              prefill_attention_out)
+from kernels import reference as ref
+from kernels import triton_activation, triton_kv_write, triton_norm, triton_rope
+from kernels.triton_decode_attention import (
+    DecodeConfig,
+    choose_num_splits,
+    decode_attention_out,
+    sm_count,
+)
+from kernels.triton_prefill_attention import PrefillConfig, prefill_attention_out
 
 
 # ----------------------------------------------------------------------------- checks
@@ -105,7 +116,7 @@ def run_checks(run: Run, dcfg: DecodeConfig, pcfg: PrefillConfig) -> None:
     lens = [n + p for n, p in plan]
     tables, ctx, nb = tables_for(lens, dev)
     kv = torch.randn((2, nb, PAGE, hk, hd), dtype=BF16, device=dev)
-    cu = torch.tensor([0] + list(torch.tensor([n for n, _ in plan]).cumsum(0).tolist()),
+    cu = torch.tensor([0, *list(torch.tensor([n for n, _ in plan]).cumsum(0).tolist())],
                       dtype=torch.int32, device=dev)
     q = torch.randn(int(cu[-1]), hq, hd, dtype=BF16, device=dev)
     out = torch.full_like(q, float("nan"))
@@ -132,7 +143,7 @@ def time_torch_decode(run: Run, st: DecodeSetup, flex: Callable | None) -> tuple
             fl = [lambda i=i: flex(q1[i], *pairs[i], scale=HD ** -0.5, enable_gqa=True)
                   for i in range(len(pairs))]
             t_flex = time_calls(run, fl, graph=False)
-        except Exception as e:  # noqa: BLE001 -- report and carry on
+        except Exception as e:
             run.say(f"  flex_attention failed: {type(e).__name__}: {str(e)[:200]}")
     return t_sdpa, t_flex
 
@@ -143,7 +154,7 @@ def decode_table(run: Run, cfg: DecodeConfig, copy_bw: float, with_flex: bool) -
         try:
             from torch.nn.attention.flex_attention import flex_attention
             flex = torch.compile(flex_attention, dynamic=False)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             run.say(f"flex_attention unavailable: {e}")
     batches, ctxs = ((1, 3), (32, 80)) if run.smoke else ((1, 16, 64, 256), (512, 4096, 16384))
     head = ("| batch x ctx | splits | Triton us | Triton GB/s | % copy | SDPA us | SDPA % copy "
@@ -195,10 +206,10 @@ def prefill_table(run: Run, cfg: PrefillConfig, mm: float) -> None:
             ks = torch.randn(nseq, HK, new, HD, dtype=BF16, device=run.dev)
             vs = torch.randn_like(ks)
             try:
-                t_s = time_calls(run, [lambda: F.scaled_dot_product_attention(
+                t_s = time_calls(run, [lambda qs=qs, ks=ks, vs=vs: F.scaled_dot_product_attention(
                     qs, ks, vs, is_causal=True, scale=HD ** -0.5, enable_gqa=True)])
                 sd = f"{100 * setup[5] / t_s / mm:.0f}%"
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 run.say(f"  SDPA prefill failed: {type(e).__name__}: {str(e)[:200]}")
         rows.append(f"| {nseq} x {new} | {prefix} | {t * 1e3:.2f} | {tf / 1e12:.1f} | "
                     f"{100 * tf / mm:.0f}% | {sd} |")

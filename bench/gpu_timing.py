@@ -10,8 +10,8 @@ import math
 import statistics
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -171,7 +171,7 @@ def guarded(run: Run, what: str, fn: Callable[[], object]) -> object:
     (a device call is too scarce to lose to one bad section)."""
     try:
         return fn()
-    except Exception:  # noqa: BLE001
+    except Exception:
         run.say(f"{what} CRASHED:\n{traceback.format_exc()[-2000:]}")
         run.failures.append(what)
         return None

@@ -7,12 +7,18 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from gpu_attention_cases import (HK, DecodeSetup, decode_setup, prefill_setup, time_decode,
-                                 time_prefill)
+from gpu_attention_cases import (
+    HK,
+    DecodeSetup,
+    decode_setup,
+    prefill_setup,
+    time_decode,
+    time_prefill,
+)
 from gpu_timing import Run
+
 from kernels.triton_decode_attention import DecodeConfig, choose_num_splits, sm_count
 from kernels.triton_prefill_attention import PrefillConfig
-
 
 DECODE_TUNE = [DecodeConfig(block_n=bn, num_warps=w, num_stages=st)
                for bn, w, st in [(64, 4, 3), (64, 4, 2), (128, 8, 3), (32, 4, 4)]]
@@ -22,7 +28,7 @@ SPLIT_TUNE = [(64, 4, 1), (64, 4, 2), (128, 4, 1), (32, 4, 1), (64, 8, 1)]
 def _try_time(run: Run, st: DecodeSetup, cfg: DecodeConfig) -> float:
     try:
         return time_decode(run, st, cfg)
-    except Exception as e:  # noqa: BLE001 -- e.g. out of shared memory
+    except Exception as e:
         run.say(f"  {cfg}: {type(e).__name__}: {str(e)[:120]}")
         return float("inf")
 
@@ -112,11 +118,11 @@ def tune_prefill(run: Run, base: PrefillConfig) -> PrefillConfig:
     for cfg in PREFILL_TUNE[:2] if run.smoke else PREFILL_TUNE:
         try:
             ts = [time_prefill(run, st, cfg) for st in setups]
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             run.say(f"  {cfg}: {type(e).__name__}")
             continue
         run.say(f"  m{cfg.block_m} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}: "
-                + " ".join(f"{st[5] / t / 1e12:6.1f}" for st, t in zip(setups, ts)))
+                + " ".join(f"{st[5] / t / 1e12:6.1f}" for st, t in zip(setups, ts, strict=False)))
         if ts[0] < best_t:  # the goal's shape decides
             best, best_t = cfg, ts[0]
     return best

@@ -10,10 +10,15 @@ and the ratio disaggregated / colocated. ``--repeats`` alternates the modes and 
     .venv/bin/python bench/serving.py --model models/default \\
         --num-requests 64 --input-len 64-512 --output-len 64 --rate 8 --concurrency 16
 
-Per request, at the client, from the moment it is sent: TTFT is the time to the first
-chunk carrying a token; ITL is the gap between token-carrying chunks (vLLM's definition);
-TPOT is (end-to-end - TTFT) / (output tokens - 1). Chunks' token counts come from
-``return_token_ids``, so a first chunk carrying two tokens shows. CPU seconds of the server
+``--turns T`` makes it a multi-turn chat workload instead: num-requests / T sessions, each a
+conversation whose turn k+1 sends turn k's prompt, turn k's answer (its token ids) and
+``--turn-len`` new tokens, after turn k has finished -- most of each later prompt is a
+prefix some pod has computed before. ``--tree DIR`` runs the servers from another checkout
+(an older commit, to compare against), with this file's client and statistics.
+
+The workload, the measuring client and the statistics are ``pdserve bench``'s
+(pdserve/bench/: TTFT, ITL, TPOT as vLLM defines them); this file is the experiment harness
+around them: start each system, run the same workload on it, stop it. CPU seconds of the server
 processes, this client and everything else (from /proc) show a run disturbed by other work.
 Servers are always stopped: on exit, on error, on Ctrl-C and on SIGTERM.
 """
@@ -24,7 +29,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -32,13 +36,19 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script from any folder: pdserve is this tree's
+from pdserve.bench.arrivals import schedule  # noqa: E402
+from pdserve.bench.client import RequestResult, Target, run_workload  # noqa: E402
+from pdserve.bench.stats import summarize as summarize_results  # noqa: E402
+from pdserve.bench.workload import LengthDist, Vocab, WorkItem, build_workload, parse_length  # noqa: E402
+
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 20.0
 REQUEST_TIMEOUT_S = 600.0
@@ -48,47 +58,23 @@ MODE_ARGS = {
 }
 
 
-@dataclass(slots=True)
-class WorkItem:
-    prompt: list[int]
-    max_tokens: int
-    send_at: float  # seconds after the start of the run
-
-
-@dataclass(slots=True)
-class RequestResult:
-    prompt_len: int
-    ok: bool = False
-    error: str = ""
-    ttft: float = 0.0
-    e2e: float = 0.0
-    itls: list[float] = field(default_factory=list)
-    output_tokens: int = 0
-    first_chunk_tokens: int = 0
-
-
 # -- workload -------------------------------------------------------------------------------
 
-def parse_range(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition("-")
-    lo_i, hi_i = int(lo), int(hi or lo)
-    if not 1 <= lo_i <= hi_i:
-        raise argparse.ArgumentTypeError(f"bad range {text!r} (want N or LO-HI, 1 <= LO <= HI)")
-    return lo_i, hi_i
+def parse_range(text: str) -> LengthDist:
+    try:
+        return parse_length(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def build_workload(seed: int, n: int, input_len: tuple[int, int], output_len: tuple[int, int],
-                   vocab: int, rate: float) -> list[WorkItem]:
-    """Random token-id prompts; Poisson arrivals at ``rate`` req/s (inf: all at time 0)."""
-    rng = random.Random(seed)
-    items, t = [], 0.0
-    for _ in range(n):
-        # ids below 4 are the toy tokenizers' special tokens; real text never needs them
-        prompt = [rng.randrange(4, vocab) for _ in range(rng.randint(*input_len))]
-        items.append(WorkItem(prompt, rng.randint(*output_len), t))
-        if rate != float("inf"):
-            t += rng.expovariate(rate)
-    return items
+def workload(seed: int, n: int, input_len: LengthDist, output_len: LengthDist, vocab: int,
+             rate: float, turns: int = 1, turn_len: LengthDist | None = None
+             ) -> list[WorkItem]:
+    """pdserve bench's workload with Poisson arrivals; ids below 4 are the toy tokenizers'
+    special tokens (real text never needs them)."""
+    items = build_workload(seed, n, Vocab(vocab, frozenset(range(4))), input_len, output_len,
+                           turns=turns, turn_len=turn_len)
+    return schedule(items, rate, "poisson", seed)
 
 
 # -- the server under test ------------------------------------------------------------------
@@ -103,7 +89,7 @@ class Server:
     """One ``pdserve up`` process (which owns its pods); its output goes to ``log_path``."""
 
     def __init__(self, model: str, mode: str, pod_args: str, pod_threads: int | None,
-                 log_path: Path) -> None:
+                 log_path: Path, tree: Path = REPO) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -114,10 +100,10 @@ class Server:
         env = dict(os.environ)
         if pod_threads:
             env["OMP_NUM_THREADS"] = str(pod_threads)  # torch reads it at start-up
-        self._log: IO[str] = open(log_path, "w")
+        self._log: IO[str] = open(log_path, "w")  # noqa: SIM115 -- closed in stop()
         self._ready = threading.Event()
         # own session: a terminal Ctrl-C reaches only us, and we stop the fleet in order
-        self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen(argv, cwd=tree, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1,
                                      start_new_session=True)
         threading.Thread(target=self._pump, daemon=True).start()
@@ -151,64 +137,7 @@ class Server:
         self._log.close()
 
 
-# -- the client -----------------------------------------------------------------------------
-
-async def send_one(client: httpx.AsyncClient, url: str, model: str, item: WorkItem
-                   ) -> RequestResult:
-    res = RequestResult(prompt_len=len(item.prompt))
-    body = {"model": model, "prompt": item.prompt, "max_tokens": item.max_tokens,
-            "temperature": 0.0, "ignore_eos": True, "stream": True,
-            "return_token_ids": True, "stream_options": {"include_usage": True}}
-    start = last = time.perf_counter()
-    try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
-            if resp.status_code != 200:
-                res.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
-                return res
-            usage_tokens = None
-            async for line in resp.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    usage_tokens = chunk["usage"]["completion_tokens"]
-                n = sum(len(c.get("token_ids") or []) for c in chunk.get("choices", []))
-                if n == 0:
-                    continue
-                now = time.perf_counter()
-                if res.output_tokens == 0:
-                    res.ttft, res.first_chunk_tokens = now - start, n
-                else:
-                    res.itls.append(now - last)
-                last = now
-                res.output_tokens += n
-            res.e2e = time.perf_counter() - start
-            if usage_tokens is not None and usage_tokens != res.output_tokens:
-                res.error = f"streamed {res.output_tokens} tokens but usage says {usage_tokens}"
-            elif res.output_tokens != item.max_tokens:
-                res.error = f"got {res.output_tokens} tokens, asked {item.max_tokens}"
-            else:
-                res.ok = True
-    except (httpx.HTTPError, json.JSONDecodeError, KeyError) as exc:
-        res.error = f"{type(exc).__name__}: {exc}"
-    return res
-
-
-async def run_workload(url: str, model: str, items: list[WorkItem], concurrency: int
-                       ) -> tuple[list[RequestResult], float]:
-    limit = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
-        t0 = time.perf_counter()
-
-        async def one(item: WorkItem) -> RequestResult:
-            await asyncio.sleep(max(0.0, t0 + item.send_at - time.perf_counter()))
-            async with limit:
-                return await send_one(client, url, model, item)
-
-        results = await asyncio.gather(*(one(i) for i in items))
-        return list(results), time.perf_counter() - t0
-
+# -- the client (pdserve bench's) ----------------------------------------------------------
 
 async def served_model(url: str) -> tuple[str, list[dict]]:
     async with httpx.AsyncClient(timeout=10) as client:
@@ -217,58 +146,62 @@ async def served_model(url: str) -> tuple[str, list[dict]]:
         return models[0]["id"], pods
 
 
+def kv_received(pods: list[dict]) -> tuple[float, float] | None:
+    """(bytes, blocks) of KV the decode pods have received, from their /metrics; None when
+    the pods do not report a metrics port (servers older than the KV seam)."""
+    total_bytes = total_blocks = 0.0
+    for pod in pods:
+        if pod["pool"] != "decode":
+            continue
+        if not pod.get("metrics_port"):
+            return None
+        host = pod["address"].rsplit(":", 1)[0]
+        text = httpx.get(f"http://{host}:{pod['metrics_port']}/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith('pdserve:kv_transfer_bytes_total{role="decode"}'):
+                total_bytes += float(line.split()[-1])
+            elif line.startswith('pdserve:kv_transfer_blocks_total{role="decode"}'):
+                total_blocks += float(line.split()[-1])
+    return total_bytes, total_blocks
+
+
 # -- statistics -----------------------------------------------------------------------------
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return float("nan")
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
 
 def summarize(runs: list[ModeRun]) -> dict[str, float]:
     """Pools the requests of every repeat of one mode; rates use the summed durations."""
     results = [r for run in runs for r in run.results]
     duration = sum(run.duration for run in runs)
     ok = [r for r in results if r.ok]
-    out_tokens = sum(r.output_tokens for r in ok)
-    s: dict[str, float] = {
-        "completed": len(ok), "failed": len(results) - len(ok), "duration_s": duration,
-        "input_tokens": sum(r.prompt_len for r in ok), "output_tokens": out_tokens,
-        "requests_per_s": len(ok) / duration, "output_tokens_per_s": out_tokens / duration,
-        "total_tokens_per_s": (out_tokens + sum(r.prompt_len for r in ok)) / duration,
-        "first_chunk_tokens_mean": sum(r.first_chunk_tokens for r in ok) / max(len(ok), 1),
+    s = summarize_results(results, duration)
+    s.update({
         "decode_blocks_leaked": sum(run.blocks_leaked for run in runs),
-    }
+        # what a transfer of every whole prompt would move (the pre-seam behaviour)
+        "prompt_blocks_per_request": sum(-(-r.prompt_len // 16) for r in ok) / max(len(ok), 1),
+        "mean_prompt_tokens": sum(r.prompt_len for r in ok) / max(len(ok), 1),
+    })
+    if all(run.kv_bytes is not None for run in runs):
+        s["kv_kib_per_request"] = sum(run.kv_bytes or 0 for run in runs) / 1024 / max(
+            len(results), 1)
+        s["kv_blocks_per_request"] = sum(run.kv_blocks or 0 for run in runs) / max(
+            len(results), 1)
     for who in ("servers", "client", "others"):  # average cores busy while measuring
         s[f"cores_{who}"] = sum(run.cpu_s[who] for run in runs) / duration
-    series = {
-        "ttft_ms": [r.ttft * 1e3 for r in ok],
-        "itl_ms": [x * 1e3 for r in ok for x in r.itls],
-        "tpot_ms": [(r.e2e - r.ttft) * 1e3 / (r.output_tokens - 1)
-                    for r in ok if r.output_tokens > 1],
-        "e2e_ms": [r.e2e * 1e3 for r in ok],
-    }
-    for name, xs in series.items():
-        s[f"mean_{name}"] = sum(xs) / len(xs) if xs else float("nan")
-        s[f"median_{name}"] = percentile(xs, 50)
-        s[f"p99_{name}"] = percentile(xs, 99)
     return s
 
 
 ROWS = [
     ("completed / failed", None),
-    ("mean TTFT (ms)", "mean_ttft_ms"), ("median TTFT (ms)", "median_ttft_ms"),
+    ("mean TTFT (ms)", "mean_ttft_ms"), ("median TTFT (ms)", "p50_ttft_ms"),
     ("p99 TTFT (ms)", "p99_ttft_ms"),
-    ("mean ITL (ms)", "mean_itl_ms"), ("median ITL (ms)", "median_itl_ms"),
+    ("mean ITL (ms)", "mean_itl_ms"), ("median ITL (ms)", "p50_itl_ms"),
     ("p99 ITL (ms)", "p99_itl_ms"),
-    ("mean TPOT (ms)", "mean_tpot_ms"), ("median E2E latency (ms)", "median_e2e_ms"),
-    ("output tokens/s", "output_tokens_per_s"), ("requests/s", "requests_per_s"),
+    ("mean TPOT (ms)", "mean_tpot_ms"), ("median E2E latency (ms)", "p50_e2e_ms"),
+    ("output tokens/s", "output_throughput"), ("requests/s", "request_throughput"),
     ("tokens in first chunk (mean)", "first_chunk_tokens_mean"),
+    ("mean prompt tokens", "mean_prompt_tokens"),
+    ("prompt blocks per request", "prompt_blocks_per_request"),
+    ("KV blocks received per request", "kv_blocks_per_request"),
+    ("KV KiB received per request", "kv_kib_per_request"),
     ("cores busy: servers", "cores_servers"), ("cores busy: this client", "cores_client"),
     ("cores busy: other processes", "cores_others"),
 ]
@@ -285,10 +218,11 @@ def format_table(summaries: dict[str, dict[str, float]]) -> str:
             cells = [f"{int(s['completed'])} / {int(s['failed'])}" for s in summaries.values()]
             lines.append(f"| {label} | " + " | ".join(cells) + (" | |" if ratio else " |"))
             continue
-        cells = [f"{summaries[m][key]:.2f}" for m in modes]
+        cells = [f"{summaries[m][key]:.2f}" if key in summaries[m] else "-" for m in modes]
         if ratio:
-            base = summaries["colocated"][key]
-            cells.append(f"{summaries['disaggregated'][key] / base:.2f}x" if base else "-")
+            base = summaries["colocated"].get(key)
+            other = summaries["disaggregated"].get(key)
+            cells.append(f"{other / base:.2f}x" if base and other is not None else "-")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -336,20 +270,24 @@ class ModeRun:
     duration: float
     cpu_s: dict[str, float]  # servers / client / others, during the measured workload
     blocks_leaked: int
+    kv_bytes: float | None = None  # KV the decode pods received during the workload
+    kv_blocks: float | None = None
 
 
 def bench_mode(args: argparse.Namespace, mode: str, items: list[WorkItem],
                warm: list[WorkItem], log_path: Path) -> ModeRun:
-    server = Server(str(args.model), mode, args.pod_args, args.pod_threads, log_path)
+    server = Server(str(args.model), mode, args.pod_args, args.pod_threads, log_path,
+                    args.tree)
     try:
         server.wait_ready()
         model, pods = asyncio.run(served_model(server.url))
         free_before = {p["address"]: p["free_blocks"] for p in pods if p["role"] == "decode"}
         if warm:  # not measured: first forwards of each shape, gRPC channels, KV sockets
-            asyncio.run(run_workload(server.url, model, warm, args.concurrency))
+            asyncio.run(run_workload(Target(server.url, model), warm, args.concurrency))
+        kv0 = kv_received(pods)
         cpu0 = (_tree_cpu_s(server.proc.pid), time.process_time(), _machine_busy_s())
         results, duration = asyncio.run(
-            run_workload(server.url, model, items, args.concurrency))
+            run_workload(Target(server.url, model), items, args.concurrency))
         servers, client, busy = (_tree_cpu_s(server.proc.pid) - cpu0[0],
                                  time.process_time() - cpu0[1], _machine_busy_s() - cpu0[2])
         cpu = {"servers": servers, "client": client, "others": max(busy - servers - client, 0)}
@@ -357,7 +295,11 @@ def bench_mode(args: argparse.Namespace, mode: str, items: list[WorkItem],
         _, pods = asyncio.run(served_model(server.url))
         free_after = {p["address"]: p["free_blocks"] for p in pods if p["role"] == "decode"}
         leaked = sum(free_before[a] - free_after.get(a, 0) for a in free_before)
-        return ModeRun(results, duration, cpu, leaked)
+        kv1 = kv_received(pods)
+        run = ModeRun(results, duration, cpu, leaked)
+        if kv0 is not None and kv1 is not None:
+            run.kv_bytes, run.kv_blocks = kv1[0] - kv0[0], kv1[1] - kv0[1]
+        return run
     finally:
         server.stop()
 
@@ -371,8 +313,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=float("inf"),
                    help="Poisson arrival rate in requests/s (inf: all at once)")
     p.add_argument("--concurrency", type=int, default=16, help="most requests in flight")
-    p.add_argument("--input-len", type=parse_range, default=(64, 512), help="N or LO-HI tokens")
-    p.add_argument("--output-len", type=parse_range, default=(64, 64), help="N or LO-HI tokens")
+    p.add_argument("--input-len", type=parse_range, default=parse_length("64-512"),
+                   help="N, LO-HI or lognormal:MEDIAN,SIGMA[,LO-HI] tokens")
+    p.add_argument("--output-len", type=parse_range, default=parse_length("64"),
+                   help="like --input-len")
+    p.add_argument("--turns", type=int, default=1,
+                   help="turns per session (> 1: a multi-turn chat workload)")
+    p.add_argument("--turn-len", type=parse_range, default=parse_length("64"),
+                   help="new tokens per later turn, N or LO-HI")
+    p.add_argument("--tree", type=Path, default=REPO,
+                   help="the source tree whose `pdserve up` is measured (default: this one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1,
                    help="run the modes this many times, alternating; requests are pooled")
@@ -404,10 +354,10 @@ def _interrupt(signum: int, _frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = json.loads((args.model / "config.json").read_text())
-    items = build_workload(args.seed, args.num_requests, args.input_len, args.output_len,
-                           config["vocab_size"], args.rate)
-    warm = build_workload(args.seed + 1, args.warmup, args.input_len, (16, 16),
-                          config["vocab_size"], float("inf")) if args.warmup else []
+    items = workload(args.seed, args.num_requests, args.input_len, args.output_len,
+                     config["vocab_size"], args.rate, args.turns, args.turn_len)
+    warm = workload(args.seed + 1, args.warmup, args.input_len, LengthDist("fixed", 16, 16),
+                    config["vocab_size"], float("inf")) if args.warmup else []
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="pdserve-bench-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     # SIGTERM unwinds like Ctrl-C, so bench_mode's finally stops the servers
@@ -416,8 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {args.model}: {config['num_hidden_layers']} layers, hidden "
           f"{config['hidden_size']}, heads {config['num_attention_heads']}/"
           f"{config['num_key_value_heads']}, vocab {config['vocab_size']}; "
-          f"{len(items)} requests, input {args.input_len}, output {args.output_len}, "
+          f"{len(items)} requests, input {args.input_len.describe()}, output "
+          f"{args.output_len.describe()}, "
           f"rate {args.rate}, concurrency {args.concurrency}, seed {args.seed}, "
+          f"turns {args.turns} (+{args.turn_len.describe()} tokens each), tree {args.tree}, "
           f"{args.repeats} repeat(s); {os.cpu_count()} CPUs; server logs in {log_dir}",
           flush=True)
     runs: dict[str, list[ModeRun]] = {m: [] for m in args.modes}
@@ -445,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(summaries))
     if args.out_json:
-        settings = {k: (str(v) if isinstance(v, Path) or v == float("inf") else v)
+        settings = {k: (str(v) if isinstance(v, Path) or v == float("inf") else
+                        v.describe() if isinstance(v, LengthDist) else v)
                     for k, v in vars(args).items()}  # JSON has no inf
         args.out_json.write_text(json.dumps(
             {"settings": settings, "model_config": config, "summaries": summaries,

@@ -1,15 +1,14 @@
-"""KV transfer throughput on this machine: the ``local`` and ``tcp`` connectors.
+"""KV transfer throughput on this machine: the ``tcp`` and ``ucx`` connectors.
 
 Moves a request's KV (default 64 MiB: 32 layers of 2 MiB, a Llama-3-8B-shaped KV of 512
 tokens in bf16) layer by layer, as a prefill pod does, and prints GB/s (payload bytes over
 the time from ``begin`` to the receiver's acknowledgement, packing included). Cases:
-- memcpy: pack_layer + scatter_layer only (the floor every connector pays);
-- local: the in-process connector;
-- tcp (1 process): sender and receiver threads in one process (they share the GIL);
-- tcp (2 processes): the receiver in its own process, as between pods;
+- memcpy: pack_layer + scatter_layer only (the floor a copying connector pays);
+- each connector with both ends in one process (they share the GIL), and with the
+  receiver in its own process, as between pods;
 - the same split into N concurrent requests interleaved over the one connection.
 
-    .venv/bin/python bench/transfer_cpu.py [--mib 64] [--layers 32] [--repeat 5]
+    .venv/bin/python bench/transfer_cpu.py [--mib 64] [--layers 32] [--repeat 5] [--kinds tcp,ucx]
 """
 
 from __future__ import annotations
@@ -27,12 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.kv_layout import KVLayout  # noqa: E402
-from kv_transfer import (  # noqa: E402
-    KVReceiver,
+from engine.kv_layout import KVLayout, KVMemory
+from kv_transfer import (
     KVSender,
     KVTargetSpec,
-    LocalHub,
+    introduce,
     make_receiver,
     make_sender,
     pack_layer,
@@ -63,33 +61,31 @@ def plan(layout: KVLayout, total_blocks: int, requests: int) -> list[tuple[list[
 
 
 def send_all(sender: KVSender, address: str, kind: str, layout: KVLayout,
-             src: list[torch.Tensor], jobs: list[tuple[list[int], list[int]]],
-             tag: str) -> float:
+             jobs: list[tuple[list[int], list[int]]], tag: str) -> float:
     """Seconds from the first begin() to the last acknowledgement."""
     t0 = time.perf_counter()
     handles = [sender.begin(KVTargetSpec(kind, address, f"{tag}-{i}", tuple(dst),
-                                         layout.fingerprint), layout)
+                                         layout.fingerprint))
                for i, (_, dst) in enumerate(jobs)]
     for layer in range(layout.num_layers):  # layer-major, as the forward produces them
         for handle, (src_ids, _) in zip(handles, jobs, strict=True):
-            handle.send_layer(layer, pack_layer(src[layer], src_ids))
+            handle.layer_written(layer, src_ids, None)
     for handle in handles:
-        handle.finish(60)
+        handle.wait(60)
     return time.perf_counter() - t0
 
 
 def run_in_process(kind: str, layout: KVLayout, src: list[torch.Tensor],
                    dst: list[torch.Tensor], jobs: list[tuple[list[int], list[int]]],
                    repeat: int) -> list[float]:
-    hub = LocalHub()
-    receiver: KVReceiver = make_receiver(kind, hub=hub)
-    sender: KVSender = make_sender(kind, hub=hub)
+    receiver = make_receiver(kind, KVMemory(layout, tuple(dst)))
+    sender = make_sender(kind, KVMemory(layout, tuple(src)))
+    introduce(receiver, sender)
     try:
         times = []
         for rep in range(repeat + 1):  # the first run warms up (connection, buffers)
-            pendings = [receiver.expect(f"r{rep}-{i}", dst, d, layout)
-                        for i, (_, d) in enumerate(jobs)]
-            seconds = send_all(sender, receiver.address, kind, layout, src, jobs, f"r{rep}")
+            pendings = [receiver.expect(f"r{rep}-{i}", d) for i, (_, d) in enumerate(jobs)]
+            seconds = send_all(sender, receiver.address, kind, layout, jobs, f"r{rep}")
             for p in pendings:
                 p.wait(60)
             if rep:
@@ -108,17 +104,19 @@ def check(src: list[torch.Tensor], dst: list[torch.Tensor],
             assert torch.equal(d[:, dst_ids], s[:, src_ids]), "bytes did not land exactly"
 
 
-def receiver_process(conn: Connection, layers: int, num_blocks: int) -> None:
+def receiver_process(conn: Connection, kind: str, layers: int, num_blocks: int) -> None:
     torch.set_num_threads(1)
     layout = layout_for(layers)
     dst = [torch.zeros(layout.layer_shape(num_blocks), dtype=layout.torch_dtype)
            for _ in range(layers)]
-    receiver = make_receiver("tcp")
-    conn.send(receiver.address)
+    receiver = make_receiver(kind, KVMemory(layout, tuple(dst)))
+    conn.send((receiver.address, receiver.peer_info()))
+    back = conn.recv()
+    if back:
+        receiver.add_peer(back)
     while (msg := conn.recv()) is not None:
         tag, jobs = msg
-        pendings = [receiver.expect(f"{tag}-{i}", dst, d, layout)
-                    for i, (_, d) in enumerate(jobs)]
+        pendings = [receiver.expect(f"{tag}-{i}", d) for i, (_, d) in enumerate(jobs)]
         conn.send("ready")
         for p in pendings:
             p.wait(60)
@@ -126,23 +124,24 @@ def receiver_process(conn: Connection, layers: int, num_blocks: int) -> None:
     receiver.close()
 
 
-def run_two_processes(layout: KVLayout, src: list[torch.Tensor],
+def run_two_processes(kind: str, layout: KVLayout, src: list[torch.Tensor],
                       jobs: list[tuple[list[int], list[int]]], num_blocks: int,
                       repeat: int) -> list[float]:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=receiver_process, args=(child, layout.num_layers, num_blocks),
-                       daemon=True)
+    proc = ctx.Process(target=receiver_process,
+                       args=(child, kind, layout.num_layers, num_blocks), daemon=True)
     proc.start()
-    sender = make_sender("tcp")
+    sender = make_sender(kind, KVMemory(layout, tuple(src)))
     try:
-        address = parent.recv()
+        address, info = parent.recv()
+        parent.send(sender.add_peer(address, info) if info else b"")
         times = []
         for rep in range(repeat + 1):
             tag = f"x{rep}"
             parent.send((tag, jobs))
             assert parent.recv() == "ready"
-            seconds = send_all(sender, address, "tcp", layout, src, jobs, tag)
+            seconds = send_all(sender, address, kind, layout, jobs, tag)
             landed = parent.recv()
             src_ids = jobs[0][0]
             assert all(torch.equal(got, s[:, src_ids]) for got, s in zip(landed, src, strict=True))
@@ -175,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--requests", type=int, default=16, help="for the concurrent cases")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--kinds", default="tcp,ucx", help="connectors to measure")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     layout = layout_for(args.layers)
@@ -193,13 +193,15 @@ def main(argv: list[str] | None = None) -> int:
         cases += [
             (f"memcpy (pack+scatter){suffix}",
              lambda j=jobs: memcpy_only(layout, src, dst, j, args.repeat)),
-            (f"local{suffix}", lambda j=jobs: run_in_process("local", layout, src, dst, j,
-                                                             args.repeat)),
-            (f"tcp, 1 process{suffix}", lambda j=jobs: run_in_process("tcp", layout, src, dst, j,
-                                                                      args.repeat)),
-            (f"tcp, 2 processes{suffix}",
-             lambda j=jobs: run_two_processes(layout, src, j, 2 * total_blocks, args.repeat)),
         ]
+        for kind in args.kinds.split(","):
+            cases += [
+                (f"{kind}, 1 process{suffix}",
+                 lambda j=jobs, k=kind: run_in_process(k, layout, src, dst, j, args.repeat)),
+                (f"{kind}, 2 processes{suffix}",
+                 lambda j=jobs, k=kind: run_two_processes(k, layout, src, j, 2 * total_blocks,
+                                                          args.repeat)),
+            ]
     print(f"{'case':<40} {'GB/s':>14} {'ms':>16}")
     for name, fn in cases:
         times = fn()

@@ -1,10 +1,12 @@
 """DecodeServicer: the Decode gRPC service over an AsyncEngine.
 
-Generate (decode-orchestrated, DESIGN.md): reserve blocks for the prompt, register the
-expected transfer with the KV receiver, ask the chosen prefill pod to fill the blocks, then
-decode with continuous batching and stream each step's tokens. Short prompts, or no prefill
-pod, or a prefill pod that fails: prefill locally (conditional disaggregation). Whatever
-ends the call -- finish, cancel, client gone, error -- the request's blocks are freed.
+Generate (decode-orchestrated, DESIGN.md): the engine matches the prompt against this pod's
+prefix cache, reserves blocks for the rest and registers the expected transfer with the
+receiver (the request waits in WAITING_FOR_REMOTE_KV); the chosen prefill pod is asked to
+fill only those blocks; then the engine decodes with continuous batching and each step's
+tokens stream back. Short prompts, no prefill pod, or a prefill pod that fails: prefill
+locally (conditional disaggregation). Whatever ends the call -- finish, cancel, client
+gone, error -- the engine frees the request's blocks (once no transfer touches them).
 """
 
 from __future__ import annotations
@@ -16,18 +18,33 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from decode_service.liveness import PeerLiveness
 from engine.async_engine import AsyncEngine
-from engine.errors import CapacityError, KVTransferError, PdserveError
+from engine.errors import CapacityError, InvalidRequestError, KVTransferError, PdserveError
+from engine.external_kv import RemotePlan
 from engine.llm_engine import RequestOutput
 from engine.metrics import PodMetrics
 from engine.sampling_params import SamplingParams
-from kv_transfer.connector import KVReceiver
+from engine.sequence import TokenLogprob
+from engine.tracing import NullSpan, Phases, Tracing, span_or_none
+from kv_transfer.connector import KVReceiver, KVTargetSpec
 from protos import pdserve_pb2 as pb
 from protos import pdserve_pb2_grpc as pb_grpc
+from protos.channels import ChannelCache
 from protos.convert import (
-    logprobs_from_proto, logprobs_to_proto, sampling_from_proto, sampling_to_proto, status_of)
-from protos.server import CHANNEL_OPTIONS
+    check_id,
+    kv_target_to_proto,
+    limits_to_report,
+    logprobs_from_proto,
+    logprobs_to_proto,
+    prompt_logprobs_to_proto,
+    sampling_from_proto,
+    sampling_to_proto,
+    status_of,
+)
+from protos.security import LinkSecurity
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +56,12 @@ class RemotePrefillFailed(Exception):
 class DecodeServicer(pb_grpc.DecodeServicer):
     def __init__(self, engine: AsyncEngine, receiver: KVReceiver | None, connector: str,
                  model_name: str, metrics: PodMetrics, min_remote_prefill_tokens: int = 1,
-                 prefill_timeout_s: float = 60.0, admission_timeout_s: float = 30.0) -> None:
+                 prefill_timeout_s: float = 60.0, admission_timeout_s: float = 30.0,
+                 prefill_first_response_timeout_s: float = 2.0,
+                 security: LinkSecurity | None = None,
+                 tracing: Tracing | None = None) -> None:
         self.engine = engine
+        self.tracing = tracing
         self.receiver = receiver
         self.connector = connector
         self.model_name = model_name
@@ -48,34 +69,56 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         self.min_remote_prefill_tokens = min_remote_prefill_tokens
         self.prefill_timeout_s = prefill_timeout_s
         self.admission_timeout_s = admission_timeout_s
-        self._channels: dict[str, grpc.aio.Channel] = {}
-
-    def _prefill_stub(self, endpoint: str) -> pb_grpc.PrefillStub:
-        channel = self._channels.get(endpoint)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
-            self._channels[endpoint] = channel
-        return pb_grpc.PrefillStub(channel)
+        # to prefill pods (with TLS and the token); idle ones (pods that left) close
+        self.channels = ChannelCache(security=security)
+        self.handshake_timeout_s = 10.0
+        self._introduced: set[str] = set()  # prefill pods our connector has met
+        self._active: set[str] = set()  # request ids of the Generate calls running here
+        # a prefill pod must answer a ping within this while requests wait on it
+        self.liveness = PeerLiveness(self._ping, prefill_first_response_timeout_s)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateResponse]:
         rid = request.request_id or uuid.uuid4().hex
-        prompt = list(request.prompt_token_ids)
         try:
+            check_id(rid, "the request id", "request_id")
             params = sampling_from_proto(request.sampling)
         except PdserveError as exc:
             await context.abort(status_of(exc), exc.message)
-        remote = bool(request.prefill_endpoint) and self.receiver is not None
+        if rid in self._active:  # refused before anything that could touch the running one
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"request id {rid!r} is already running on this pod")
+        self._active.add(rid)
+        try:
+            async for msg in self._generate(rid, list(request.prompt_token_ids), params,
+                                            request.prefill_endpoint, context):
+                yield msg
+        finally:
+            self._active.discard(rid)
+
+    async def _generate(self, rid: str, prompt: list[int], params: SamplingParams,
+                        prefill_endpoint: str, context: grpc.aio.ServicerContext
+                        ) -> AsyncIterator[pb.GenerateResponse]:
+        # prompt logprobs need every prompt row's logits: this pod prefills those itself
+        remote = bool(prefill_endpoint) and self.receiver is not None \
+            and params.prompt_logprobs is None
         if remote:  # conditional disaggregation: what is left to compute decides
-            cached = await self.engine.call(
-                lambda: self.engine.engine.cached_prefix_tokens(prompt))
+            cached = await self.engine.cached_prefix_tokens(prompt, params.cache_salt)
             remote = len(prompt) - cached >= self.min_remote_prefill_tokens
         outputs: AsyncGenerator[RequestOutput, None] | None = None
+        entered = time.monotonic()
+        span = span_or_none(self.tracing, "decode", entered, context.invocation_metadata())
+        # this request's phases: histograms and spans here; with the first response (and
+        # the prefill pod's own phases) to the router, for its access log
+        phases = Phases()
+        remote_phases: dict[str, float] = {}
+        first_at: float | None = None
         try:
             if remote:
                 try:
                     outputs = await self._remote_prefill(rid, prompt, params,
-                                                         request.prefill_endpoint)
+                                                         prefill_endpoint, phases,
+                                                         remote_phases, span)
                 except RemotePrefillFailed as exc:
                     remote = False
                     log.warning("request %s: remote prefill failed (%s); prefilling locally",
@@ -83,9 +126,18 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             if outputs is None:
                 self.metrics.local_prefills.inc()
                 outputs = self.engine.generate(rid, prompt, params)
+            self.metrics.prefill_decisions.labels("remote" if remote else "local").inc()
             first = True
             async for out in outputs:
-                yield _response(out, first, remote_prefill=remote)
+                if first:
+                    first_at = time.monotonic()
+                    if not remote:
+                        admitted = entered + out.queue_seconds
+                        phases.add("decode_admission", entered, admitted)
+                        phases.add("local_prefill", admitted, first_at)
+                    phases.add("first_token", entered, first_at)
+                yield _response(out, first, remote_prefill=remote,
+                                phases={**phases.seconds(), **remote_phases} if first else None)
                 first = False
             self.metrics.requests.labels("decode", "ok").inc()
         except PdserveError as exc:
@@ -95,53 +147,124 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             if outputs is not None:
                 await outputs.aclose()  # runs the stream's cleanup: frees the blocks
             await self.engine.abort(rid)  # idempotent: nothing left if it finished
+            ended = time.monotonic()
+            if first_at is not None:
+                phases.add("decode", first_at, ended)
+            for name, seconds in phases.seconds().items():
+                self.metrics.phase(name, seconds)
+            phases.to_span(span)
+            span.end(ended, request_id=rid, remote_prefill=remote)
 
     async def _remote_prefill(self, rid: str, prompt: list[int], params: SamplingParams,
-                              endpoint: str) -> AsyncGenerator[RequestOutput, None]:
+                              endpoint: str, phases: Phases, remote_phases: dict[str, float],
+                              span: NullSpan) -> AsyncGenerator[RequestOutput, None]:
         assert self.receiver is not None
-        blocks, seed, queue = await self._reserve(rid, prompt, params)
-        layout = self.engine.engine.layout
-        pending = self.receiver.expect(rid, self.engine.engine.runner.kv_caches, blocks, layout)
+        # A fresh transfer id per attempt: the receiver refuses an id it has seen (a late
+        # write of an old transfer must not land), and a client may well reuse request ids.
+        tid = uuid.uuid4().hex
+        t0 = time.monotonic()
+        plan, queue = await self._reserve(rid, prompt, params, tid)
+        phases.add("decode_admission", t0, t1 := time.monotonic())
+        target = KVTargetSpec(
+            connector=self.connector, address=self.receiver.address, transfer_id=tid,
+            block_ids=plan.block_ids, layout_fingerprint=self.engine.layout.fingerprint,
+            first_block=plan.first_block)
         sampling = sampling_to_proto(params)
-        sampling.seed = seed  # both pods draw the same random stream for this request
-        call = pb.PrefillRequest(
-            request_id=rid, prompt_token_ids=prompt, sampling=sampling,
-            kv_target=pb.KVTarget(connector=self.connector, address=self.receiver.address,
-                                  transfer_id=rid, block_ids=blocks,
-                                  layout_fingerprint=layout.fingerprint))
+        sampling.seed = plan.seed  # both pods draw the same random stream for this request
+        call = pb.PrefillRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling,
+                                 kv_target=kv_target_to_proto(target))
         try:
-            resp = await self._prefill_stub(endpoint).Prefill(
-                call, timeout=self.prefill_timeout_s)
-            stats = await asyncio.to_thread(pending.wait, self.prefill_timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            self.receiver.cancel(rid)
+            resp = await self._call_prefill_watched(endpoint, call, span.metadata())
+            phases.add("remote_prefill", t1, t2 := time.monotonic())
+            stats = await plan.transfer.wait_async(self.prefill_timeout_s)
+            phases.add("kv_transfer_wait", t2, time.monotonic())
+            remote_phases.update(resp.phase_seconds)
+        except RemotePrefillFailed:  # the pod stopped answering: its KV may never come
             await self.engine.abort(rid)
-            if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT,
-                              grpc.StatusCode.FAILED_PRECONDITION):
-                raise PdserveError(f"prefill pod refused the request: {exc.details()}") from None
+            self.metrics.kv_transfer_failures.labels("decode").inc()
+            raise
+        except grpc.aio.AioRpcError as exc:
+            await self.engine.abort(rid)  # cancels the transfer; blocks freed once it drains
+            if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:  # the request's fault: a 400
+                raise InvalidRequestError(
+                    f"the prefill pod refused the request: {exc.details()}") from None
+            if exc.code() is grpc.StatusCode.UNAVAILABLE:
+                await self.channels.drop(endpoint)
+                self._introduced.discard(endpoint)  # a restarted pod will not know us
             self.metrics.kv_transfer_failures.labels("decode").inc()
             raise RemotePrefillFailed(f"{exc.code().name}: {exc.details()}") from None
         except KVTransferError as exc:
-            self.receiver.cancel(rid)
             await self.engine.abort(rid)
             self.metrics.kv_transfer_failures.labels("decode").inc()
             raise RemotePrefillFailed(exc.message) from None
         except BaseException:
-            self.receiver.cancel(rid)
             await self.engine.abort(rid)
             raise
-        self.metrics.record_transfer(stats.bytes, stats.seconds)
-        lps = [logprobs_from_proto(m) for m in resp.first_logprobs] or \
-            [None] * len(resp.first_token_ids)
+        self.metrics.record_transfer(stats.bytes, stats.seconds, len(plan.block_ids))
+        lps: list[TokenLogprob | None] = [logprobs_from_proto(m) for m in resp.first_logprobs]
+        lps = lps or [None] * len(resp.first_token_ids)
         return self.engine.complete_remote(rid, queue, list(resp.first_token_ids), lps,
                                            resp.num_cached_tokens)
 
-    async def _reserve(self, rid: str, prompt: list[int], params: SamplingParams):  # noqa: ANN202
+    async def _call_prefill_watched(self, endpoint: str, call: pb.PrefillRequest,
+                                    metadata: list[tuple[str, str]]) -> pb.PrefillResponse:
+        """``_call_prefill``, given up (RemotePrefillFailed) as soon as the pod leaves a
+        liveness ping unanswered (decode_service/liveness.py)."""
+        prefill = asyncio.ensure_future(self._call_prefill(endpoint, call, metadata))
+        stalled = asyncio.ensure_future(self.liveness.stalled(endpoint))
+        try:
+            await asyncio.wait({prefill, stalled}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stalled.cancel()
+            if not prefill.done():
+                prefill.cancel()
+        if prefill.done() and not prefill.cancelled():
+            return prefill.result()
+        raise RemotePrefillFailed(f"the prefill pod {endpoint} answered no ping for "
+                                  f"{self.liveness.timeout_s:g} s")
+
+    async def _ping(self, endpoint: str, timeout_s: float) -> None:
+        channel = await self.channels.get(endpoint)
+        await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=timeout_s)
+
+    async def _call_prefill(self, endpoint: str, call: pb.PrefillRequest,
+                            metadata: list[tuple[str, str]]) -> pb.PrefillResponse:
+        """Prefill.Prefill, after the connector handshake with that pod if one is due (and
+        once more if the pod lost it, e.g. it restarted)."""
+        stub = pb_grpc.PrefillStub(await self.channels.get(endpoint))
+        await self._introduce(endpoint, stub)
+        try:
+            return await stub.Prefill(call, timeout=self.prefill_timeout_s, metadata=metadata)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is not grpc.StatusCode.FAILED_PRECONDITION or \
+                    "unknown KV peer" not in (exc.details() or ""):
+                raise
+        self._introduced.discard(endpoint)
+        await self._introduce(endpoint, stub)
+        return await stub.Prefill(call, timeout=self.prefill_timeout_s, metadata=metadata)
+
+    async def _introduce(self, endpoint: str, stub: pb_grpc.PrefillStub) -> None:
+        """Exchange peer info with a prefill pod once (connectors that need it: ucx)."""
+        assert self.receiver is not None
+        info = self.receiver.peer_info()
+        if not info or endpoint in self._introduced:
+            return
+        reply = await stub.KVHandshake(pb.KVPeerInfo(
+            connector=self.connector, address=self.receiver.address, info=info),
+            timeout=self.handshake_timeout_s)
+        if reply.info:
+            await asyncio.to_thread(self.receiver.add_peer, reply.info)
+        self._introduced.add(endpoint)
+
+    async def _reserve(self, rid: str, prompt: list[int], params: SamplingParams, tid: str
+                       ) -> tuple[RemotePlan, asyncio.Queue]:
         """Admission control: wait (bounded) until the prompt's blocks can be reserved."""
         deadline = time.monotonic() + self.admission_timeout_s
         while True:
             try:
-                return await self.engine.reserve_remote(rid, prompt, params)
+                return await self.engine.reserve_remote(rid, prompt, params,
+                                                        self.prefill_timeout_s, tid)
             except CapacityError:
                 if time.monotonic() > deadline:
                     raise
@@ -150,19 +273,21 @@ class DecodeServicer(pb_grpc.DecodeServicer):
     async def GetLoad(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext
                       ) -> pb.LoadReport:
         snap = self.engine.load()
-        return pb.LoadReport(
+        report = pb.LoadReport(
             role="decode", model=self.model_name, running=snap.running, waiting=snap.waiting,
             free_blocks=snap.free_blocks, total_blocks=snap.total_blocks,
-            layout_fingerprint=self.engine.engine.layout.fingerprint,
-            kv_connector=self.connector,
+            layout_fingerprint=self.engine.layout.fingerprint, kv_connector=self.connector,
             kv_address=self.receiver.address if self.receiver is not None else "")
+        limits_to_report(self.engine.limits, report)
+        report.metrics_port = self.metrics.port
+        return report
 
     async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
+        await self.channels.close()
 
 
-def _response(out: RequestOutput, first: bool, remote_prefill: bool) -> pb.GenerateResponse:
+def _response(out: RequestOutput, first: bool, remote_prefill: bool,
+              phases: dict[str, float] | None = None) -> pb.GenerateResponse:
     msg = pb.GenerateResponse(outputs=[
         pb.SequenceDelta(
             index=d.index, token_ids=d.token_ids,
@@ -174,4 +299,6 @@ def _response(out: RequestOutput, first: bool, remote_prefill: bool) -> pb.Gener
         msg.prompt_tokens = out.num_prompt_tokens
         msg.cached_tokens = out.num_cached_tokens
         msg.remote_prefill = remote_prefill
+        msg.phase_seconds.update(phases or {})
+    msg.prompt_logprobs.extend(prompt_logprobs_to_proto(out.prompt_logprobs))
     return msg

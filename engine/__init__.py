@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "EngineArgs"]
+__all__ = ["LLM", "EngineArgs", "SamplingParams"]
 
 
 def __getattr__(name: str) -> Any:

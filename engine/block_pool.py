@@ -7,31 +7,30 @@ blocks keep their hash and stay reusable until the free list hands them out agai
 
 from __future__ import annotations
 
-import hashlib
-from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
+from engine import prefix_hash
 from engine.errors import CapacityError
 
 
 def hash_block(parent: bytes | None, token_ids: Seq[int], salt: bytes = b"") -> bytes:
-    """Chained block hash: names the block's tokens and everything before them."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(parent or salt)
-    h.update(array("i", token_ids).tobytes())
-    return h.digest()
+    """Chained block hash: names the block's tokens and everything before them.
+
+    ``salt`` is the chain's seed for a first block (``prefix_hash.chain_seed(model_id,
+    cache_salt)``); empty means the unsalted default. The definition is engine/prefix_hash.py.
+    """
+    return prefix_hash.hash_tokens(parent or salt or prefix_hash.DEFAULT_SEED, token_ids)
 
 
-def prefix_hashes(token_ids: Seq[int], block_size: int, max_blocks: int) -> list[bytes]:
-    """Chained hashes of the first ``max_blocks`` full blocks of ``token_ids``."""
-    hashes: list[bytes] = []
-    parent = None
-    for b in range(min(max_blocks, len(token_ids) // block_size)):
-        parent = hash_block(parent, token_ids[b * block_size:(b + 1) * block_size])
-        hashes.append(parent)
-    return hashes
+def prefix_hashes(token_ids: Seq[int], block_size: int, max_blocks: int,
+                  salt: bytes = b"") -> list[bytes]:
+    """Chained hashes of the first ``max_blocks`` full blocks of ``token_ids`` (``salt`` as
+    in ``hash_block``)."""
+    return prefix_hash.block_hashes(token_ids, block_size, salt or prefix_hash.DEFAULT_SEED,
+                                    max_blocks)
 
 
 @dataclass(slots=True)
@@ -54,6 +53,9 @@ class BlockPool:
         # free blocks, least recently freed first: allocation evicts the oldest cached block
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.stats = PrefixStats()
+        # called with (block, its hash) just before a cached block is reused: its content is
+        # still intact (the KV tier offloads it)
+        self.on_evict: Callable[[int, bytes], None] | None = None
 
     @property
     def num_free(self) -> int:
@@ -70,6 +72,8 @@ class BlockPool:
             block, _ = self.free.popitem(last=False)
             old = self.block_hash[block]
             if old is not None:  # evict its cached identity
+                if self.on_evict is not None:
+                    self.on_evict(block, old)
                 if self.hash_to_block.get(old) == block:
                     del self.hash_to_block[old]
                 self.block_hash[block] = None

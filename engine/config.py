@@ -51,7 +51,7 @@ class ModelConfig:
     torch_dtype: str = "float32"
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
+    def from_dir(cls, model_dir: str | Path) -> ModelConfig:
         path = Path(model_dir)
         if not path.is_dir():
             raise ModelLoadError(f"model directory {str(path)!r} does not exist")
@@ -74,7 +74,7 @@ class ModelConfig:
         return cls.from_dict(raw, gen)
 
     @classmethod
-    def from_dict(cls, raw: dict, generation: dict | None = None) -> "ModelConfig":
+    def from_dict(cls, raw: dict, generation: dict | None = None) -> ModelConfig:
         archs = raw.get("architectures") or []
         arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES),
                     None)

@@ -29,6 +29,21 @@ class InvalidRequestError(PdserveError):
     grpc_code = "INVALID_ARGUMENT"
 
 
+class EngineStepError(PdserveError):
+    """Computing or sampling one request failed (a bug or bad numerics); the request ends,
+    the rest of its batch goes on."""
+
+    http_status = 500
+    error_type = "internal_error"
+    grpc_code = "INTERNAL"
+
+
+class DuplicateRequestError(InvalidRequestError):
+    """A request id that is already running here: refused, the running one untouched."""
+
+    grpc_code = "ALREADY_EXISTS"
+
+
 class ModelLoadError(PdserveError):
     """A model directory is missing, malformed or of an unsupported architecture."""
 
@@ -53,5 +68,16 @@ class KVTransferError(PdserveError):
     grpc_code = "UNAVAILABLE"
 
 
-class LayoutMismatchError(KVTransferError):
+class KVPeerError(KVTransferError):
+    """Two pods' connector ends cannot work together as they are set up (another connector,
+    another KV layout, no handshake yet): a deployment problem, not the request's."""
+
     grpc_code = "FAILED_PRECONDITION"
+
+
+class LayoutMismatchError(KVPeerError):
+    pass
+
+
+class UnknownPeerError(KVPeerError):
+    """A connector end has not met the peer a transfer names (a handshake is due)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -76,3 +77,64 @@ def model_id_from_config(config_dict: dict) -> str:
 
 def num_blocks_for(num_tokens: int, block_size: int) -> int:
     return (num_tokens + block_size - 1) // block_size
+
+
+@dataclass(frozen=True, slots=True)
+class LayerRegion:
+    """Where one layer's cache lives: what a transport registers (NIXL, NCCL) or views."""
+
+    address: int  # data_ptr() of the layer's tensor
+    nbytes: int
+    strides: tuple[int, ...]  # in elements, of [2, num_blocks, block_size, kv_heads, head_dim]
+
+
+@dataclass(frozen=True, slots=True)
+class KVMemory:
+    """A pod's KV cache, described once at start-up and handed to its connector once.
+
+    The connector's worker side keeps it for the pod's life: per request only block ids
+    travel. ``layers`` are the engine's own cache tensors (never copies), so the connector
+    is the only other code that reads or writes them, and only the blocks a request names.
+    """
+
+    layout: KVLayout
+    layers: tuple[torch.Tensor, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.layers) != self.layout.num_layers:
+            raise ValueError(f"{len(self.layers)} cache tensors for "
+                             f"{self.layout.num_layers} layers")
+        first = self.layers[0]
+        for kv in self.layers:
+            if (kv.dim() != 5 or kv.shape[0] != 2 or kv.shape[1] != first.shape[1]
+                    or tuple(kv.shape[2:]) != self.layout.layer_shape(0)[2:]):
+                raise ValueError(f"cache of shape {tuple(kv.shape)} does not fit {self.layout}")
+            if kv.dtype != self.layout.torch_dtype or kv.device != first.device:
+                raise ValueError("cache tensors must share the layout's dtype and one device")
+            if not kv.is_contiguous():
+                raise ValueError("cache tensors must be contiguous")
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.layers[0].shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].device
+
+    @property
+    def fingerprint(self) -> str:
+        return self.layout.fingerprint
+
+    def regions(self) -> list[LayerRegion]:
+        return [LayerRegion(kv.data_ptr(), kv.numel() * kv.element_size(), tuple(kv.stride()))
+                for kv in self.layers]
+
+    def check_block_ids(self, block_ids: Sequence[int]) -> list[int]:
+        """Block ids as a list of distinct ints within the cache; ValueError otherwise."""
+        ids = [int(b) for b in block_ids]
+        if not ids:
+            raise ValueError("a transfer needs at least one block id")
+        if len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) >= self.num_blocks:
+            raise ValueError(f"block ids must be distinct and within 0..{self.num_blocks - 1}")
+        return ids

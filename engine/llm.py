@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field, fields
 from itertools import count
 from pathlib import Path
@@ -36,6 +37,8 @@ class GenerationResult:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
+    # with SamplingParams.prompt_logprobs: None for the first prompt token, then one each
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass(slots=True)
@@ -49,6 +52,7 @@ class _Tracking:
     finish: list[str | None]
     cached: int = 0
     done: list[bool] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class LLM:
@@ -80,7 +84,7 @@ class LLM:
         on_delta(prompt_index, seq_index, new_text) is called as text arrives (streaming).
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
+            prompts = [prompts]  # type: ignore[assignment]  # one prompt: a list of one
         if params is None:
             params = SamplingParams()
         plist = list(params) if isinstance(params, Seq) else [params] * len(prompts)
@@ -89,7 +93,7 @@ class LLM:
         encoded = [self.encode(p) for p in prompts]  # type: ignore[arg-type]
         tracks: dict[str, tuple[int, _Tracking]] = {}
         try:  # a refused prompt, an error or Ctrl-C must not leave earlier prompts queued
-            for i, (ids, p) in enumerate(zip(encoded, plist)):
+            for i, (ids, p) in enumerate(zip(encoded, plist, strict=False)):
                 rid = f"llm-{next(self._ids)}"
                 self.engine.add_request(rid, ids, p)
                 tracks[rid] = (i, _Tracking(
@@ -103,6 +107,9 @@ class LLM:
             while self.engine.has_work():
                 for out in self.engine.step():
                     self._absorb(out, tracks, on_delta)
+                failed = self.engine.take_failures()
+                if failed:  # offline, one call: its first failed request fails the call
+                    raise failed[0][1]
         except BaseException:
             for rid in tracks:
                 self.engine.abort(rid)
@@ -112,13 +119,15 @@ class LLM:
             results[i] = GenerationResult(rid, t.prompt, [
                 CompletionOutput(k, "".join(t.texts[k]), t.token_ids[k], t.finish[k],
                                  t.logprobs[k] if t.params.logprobs is not None else None)
-                for k in range(t.params.n)], t.cached)
+                for k in range(t.params.n)], t.cached, t.prompt_logprobs)
         return results  # type: ignore[return-value]
 
     def _absorb(self, out: RequestOutput, tracks: dict[str, tuple[int, _Tracking]],
                 on_delta: Callable[[int, int, str], None] | None) -> None:
         i, t = tracks[out.request_id]
         t.cached = out.num_cached_tokens
+        if out.prompt_logprobs is not None:
+            t.prompt_logprobs = [None, *out.prompt_logprobs]
         for d in out.deltas:
             k = d.index
             if t.done[k]:

@@ -2,101 +2,55 @@
 
 It owns the requests, the scheduler, the block pool and the model runner. ``step()`` runs
 one forward over a continuous batch and returns what each request gained. Colocated serving
-and the offline LLM use add_request; a decode pod uses reserve_remote/complete_remote (a
-prefill pod fills the reserved blocks); a prefill pod uses add_request(prefill_only=True)
-with a KV sink that receives each layer's blocks as soon as that layer is computed.
+and the offline LLM use add_request. The KV seam (engine/external_kv.py):
+- a decode pod attaches its connector's receiver once, then ``reserve_remote`` matches the
+  prompt against its prefix cache, reserves the rest and registers the transfer; the request
+  waits in WAITING_FOR_REMOTE_KV (with a deadline) until ``complete_remote``;
+- a prefill pod uses add_request(prefill_only=True, kv_send=...): after each layer's KV
+  write the forward tells the request's outbound transfer "layer i written"; the request's
+  blocks stay held until that transfer is finished.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from itertools import count
 from pathlib import Path
 
-import torch
-
+from engine import prompt_logprobs
 from engine.block_pool import BlockPool, prefix_hashes
 from engine.config import ModelConfig
-from engine.errors import CapacityError, InvalidRequestError
-from engine.kv_layout import DTYPES, KVLayout, num_blocks_for
+from engine.engine_args import EngineArgs
+from engine.errors import (
+    DuplicateRequestError,
+    EngineStepError,
+    InvalidRequestError,
+    PdserveError,
+)
+from engine.external_kv import (
+    KVReceiverPort,
+    KVSend,
+    KVTierPort,
+    RemotePlan,
+    layer_written_hook,
+)
+from engine.kv_layout import KVLayout, KVMemory, num_blocks_for
 from engine.model_runner import ModelRunner
-from engine.sampler import sample
+from engine.prefix_hash import chain_seed
+from engine.requests import EngineLimits, Request, RequestOutput, SequenceDelta
+from engine.sampler import sample_rows
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
+from engine.structured_output import StructuredOutputs
+from engine.tier_cache import TierCache
+
+__all__ = ["EngineArgs", "EngineLimits", "LLMEngine", "RequestOutput", "SequenceDelta"]
 
 log = logging.getLogger(__name__)
-
-# A prefill pod's sink: (layer index, that layer's KV cache tensor, the request's block ids).
-KVSink = Callable[[int, torch.Tensor, list[int]], None]
-
-
-@dataclass(slots=True)
-class EngineArgs:
-    device: str = "cpu"
-    dtype: str = "float32"
-    block_size: int = 16
-    num_kv_blocks: int | None = None  # None: fill kv_cache_memory_bytes (or the GPU)
-    kv_cache_memory_bytes: int | None = None
-    gpu_memory_utilization: float = 0.85
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None  # None: the model's max_position_embeddings
-    enable_prefix_caching: bool = True
-    cuda_graphs: bool = True  # capture decode steps on CUDA
-    seed: int = 0  # for requests without a seed of their own
-
-
-    def validate(self) -> None:
-        def bad(name: str, why: str) -> None:
-            raise InvalidRequestError(f"engine argument {name}: {why}", param=name)
-
-        if self.dtype not in DTYPES:
-            bad("dtype", f"{self.dtype!r} is not one of {sorted(DTYPES)}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-            if getattr(self, name) < 1:
-                bad(name, "must be at least 1")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            bad("num_kv_blocks", "must be at least 1 (or None to size it from memory)")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            bad("max_model_len", "must be at least 2")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            bad("gpu_memory_utilization", "must be in (0, 1]")
-
-
-@dataclass(slots=True)
-class SequenceDelta:
-    index: int
-    token_ids: list[int]
-    logprobs: list[TokenLogprob]
-    finish_reason: FinishReason | None
-
-
-@dataclass(slots=True)
-class RequestOutput:
-    """What one step added to a request."""
-
-    request_id: str
-    deltas: list[SequenceDelta]
-    finished: bool
-    num_prompt_tokens: int
-    num_cached_tokens: int
-
-
-@dataclass(slots=True)
-class Request:
-    request_id: str
-    params: SamplingParams
-    seqs: list[Sequence]
-    kv_sink: KVSink | None = None
-    pending: dict[int, SequenceDelta] = field(default_factory=dict)
-
-    @property
-    def finished(self) -> bool:
-        return len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs)
 
 
 class LLMEngine:
@@ -110,7 +64,8 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.config, self.model_dir, args.device, args.dtype, args.block_size,
             self.max_model_len, args.num_kv_blocks, args.kv_cache_memory_bytes,
-            args.gpu_memory_utilization, show_progress, args.max_num_seqs, args.cuda_graphs)
+            args.gpu_memory_utilization, show_progress, args.max_num_seqs, args.cuda_graphs,
+            args.cpu_threads)
         # One sequence must always fit alone, or preemption could never make progress.
         self.max_model_len = min(self.max_model_len, self.runner.num_blocks * args.block_size)
         self.pool = BlockPool(self.runner.num_blocks, args.block_size, args.enable_prefix_caching)
@@ -118,11 +73,43 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._seq_ids = count()
         self._rng = random.Random(args.seed)
+        self.structured = StructuredOutputs.for_model(self.model_dir, self.config.vocab_size,
+                                                      self.eos_token_ids)
         self.num_steps = 0
+        self.kv_receiver: KVReceiverPort | None = None
+        self.failures: list[tuple[str, PdserveError]] = []  # see take_failures
+        self.tier: TierCache | None = None  # the shared KV tier, when the pod has one
 
     @property
     def layout(self) -> KVLayout:
         return self.runner.layout
+
+    @property
+    def kv_memory(self) -> KVMemory:
+        """The KV cache, for the connector to register once (engine/external_kv.py)."""
+        return self.runner.kv_memory
+
+    @property
+    def limits(self) -> EngineLimits:
+        layout = self.layout
+        return EngineLimits(self.max_model_len, self.args.block_size, self.pool.num_blocks,
+                            layout.block_bytes_per_layer * layout.num_layers)
+
+    def attach_kv_receiver(self, receiver: KVReceiverPort) -> None:
+        """The decode side's connector: remote prefills register their transfers with it."""
+        self.kv_receiver = receiver
+
+    def attach_kv_tier(self, port: KVTierPort, timeout_s: float = 10.0,
+                       wake: Callable[[], None] | None = None) -> None:
+        """Look prompts up in the shared KV tier before computing them and store their new
+        chunks (engine/tier_cache.py); ``wake`` nudges the engine loop when a load is done."""
+        self.tier = TierCache(port, self.scheduler, timeout_s, wake)
+
+    def flush_tier_stores(self) -> None:
+        """Hand the chunks the last step completed to the tier (after its outputs went out;
+        before the next step can reuse their blocks)."""
+        if self.tier is not None:
+            self.tier.flush()
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -144,8 +131,10 @@ class LLMEngine:
     def _new_request(self, request_id: str, prompt: list[int], params: SamplingParams,
                      prefill_only: bool) -> Request:
         if request_id in self.requests:
-            raise InvalidRequestError(f"duplicate request id {request_id!r}")
+            raise DuplicateRequestError(f"duplicate request id {request_id!r}",
+                                        param="request_id")
         params.validate()
+        self.structured.check(params)  # compiles (or finds cached) its grammar: 400 if bad
         if not prompt:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         vocab = self.config.vocab_size
@@ -165,61 +154,78 @@ class LLMEngine:
         parent = Sequence(
             seq_id=next(self._seq_ids), request_id=request_id, index=0, params=params,
             seed=seed, token_ids=list(prompt), num_prompt_tokens=len(prompt),
-            max_tokens=max_tokens, prefill_only=prefill_only)
+            max_tokens=max_tokens, prefill_only=prefill_only,
+            hash_seed=chain_seed(self.layout.model_id, params.cache_salt))
         return Request(request_id, params, [parent])
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    *, prefill_only: bool = False, kv_sink: KVSink | None = None) -> None:
+                    *, prefill_only: bool = False, kv_send: KVSend | None = None) -> None:
         """Queue a request. prefill_only: stop after the first token(s) (a prefill pod);
-        kv_sink then receives every layer's KV of the prompt as it is computed."""
+        kv_send then receives every layer's KV of the prompt as it is computed."""
         req = self._new_request(request_id, prompt_token_ids, params, prefill_only)
-        req.kv_sink = kv_sink
+        if kv_send is not None:
+            total = num_blocks_for(len(prompt_token_ids), self.args.block_size)
+            if not 0 <= kv_send.first_block < total:
+                raise InvalidRequestError(
+                    f"the KV target starts at block {kv_send.first_block}; the prompt has "
+                    f"{total} blocks of {self.args.block_size} tokens", param="kv_target")
+        req.kv_send = kv_send
         self.requests[request_id] = req
-        self.scheduler.add(req.seqs[0])
+        if self.tier is None or not self.tier.begin(req.seqs[0]):
+            self.scheduler.add(req.seqs[0])
 
     def reserve_remote(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams, seed: int | None = None) -> list[int]:
-        """Reserve blocks for a prompt that a prefill pod will fill; returns their ids.
-        Raises CapacityError if they cannot be held now (admission control)."""
+                       params: SamplingParams, *, timeout_s: float,
+                       seed: int | None = None, transfer_id: str | None = None) -> RemotePlan:
+        """Reserve blocks for a prompt whose KV a prefill pod will compute and push: the
+        prompt's leading blocks this pod already caches are kept (their KV need not
+        travel), the rest are reserved and registered with the attached receiver. The
+        request waits for its KV until ``complete_remote`` or ``timeout_s``. The transfer
+        is registered as ``transfer_id`` (default: the request id).
+        Raises CapacityError if the blocks cannot be held now (admission control)."""
+        if self.kv_receiver is None:
+            raise InvalidRequestError("this engine has no KV receiver attached")
         req = self._new_request(request_id, prompt_token_ids, params, prefill_only=False)
         seq = req.seqs[0]
         if seed is not None:
             seq.seed = seed
-        need = num_blocks_for(len(prompt_token_ids), self.args.block_size)
-        if not self.pool.can_allocate(need):
-            raise CapacityError(f"the prompt needs {need} KV blocks; {self.pool.num_free} free")
-        seq.block_ids = self.pool.allocate(need)
-        seq.status = SequenceStatus.AWAITING_KV
+        first_block = self.scheduler.reserve_remote(seq)
+        blocks = tuple(seq.block_ids[first_block:])
+        try:
+            transfer = self.kv_receiver.expect(transfer_id or request_id, blocks)
+        except BaseException:
+            self.scheduler.finish(seq)
+            raise
+        self.scheduler.wait_remote(seq, transfer, timeout_s)
         self.requests[request_id] = req
-        return list(seq.block_ids)
+        return RemotePlan(blocks, first_block, seq.seed, transfer)
 
     def complete_remote(self, request_id: str, first_tokens: list[int],
                         first_logprobs: list[TokenLogprob | None],
                         num_cached_tokens: int = 0) -> None:
-        """The prefill pod filled the reserved blocks (``num_cached_tokens`` of them from its
-        caches) and sampled each sequence's first token: the request joins the batch."""
-        req = self.requests.get(request_id)
-        if req is None:
-            return  # aborted meanwhile; its blocks are already back
-        parent = req.seqs[0]
-        parent.num_computed_tokens = parent.num_prompt_tokens
+        """The prefill pod filled the reserved blocks (``num_cached_tokens`` of the prompt
+        it found in its caches) and sampled each sequence's first token: the request joins
+        the batch."""
+        parent = self.scheduler.admit_remote(request_id)
+        if parent is None:
+            return  # aborted or expired meanwhile; its blocks are already back
+        req = self.requests[request_id]
         parent.num_cached_tokens = num_cached_tokens
-        parent.admitted = True
-        self.scheduler.register_full_blocks(parent)
         self._fork(req)
-        for seq, tok, lp in zip(req.seqs, first_tokens, first_logprobs):
+        for seq, tok, lp in zip(req.seqs, first_tokens, first_logprobs, strict=False):
             self._append(req, seq, tok, lp)
-            if not seq.is_finished:
-                self.scheduler.add_running(seq)
 
-    def cached_prefix_tokens(self, prompt_token_ids: list[int]) -> int:
-        """Prompt tokens this engine's prefix cache holds now (a peek: nothing reserved)."""
+    def cached_prefix_tokens(self, prompt_token_ids: list[int],
+                             cache_salt: str | None = None) -> int:
+        """Prompt tokens this engine's prefix cache holds now (a peek: nothing reserved).
+        0 for a prompt of ids outside the vocabulary: adding it is what refuses it."""
+        vocab = self.config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            return 0
         bs = self.args.block_size
-        hashes = prefix_hashes(prompt_token_ids, bs, (len(prompt_token_ids) - 1) // bs)
+        hashes = prefix_hashes(prompt_token_ids, bs, (len(prompt_token_ids) - 1) // bs,
+                               chain_seed(self.layout.model_id, cache_salt))
         return self.pool.peek(hashes) * bs
-
-    def seed_of(self, request_id: str) -> int:
-        return self.requests[request_id].seqs[0].seed
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free every block it holds (finished, running or waiting)."""
@@ -228,7 +234,7 @@ class LLMEngine:
             return
         for seq in req.seqs:
             if not seq.is_finished:
-                self._finish(seq, FinishReason.ABORT)
+                self._finish(req, seq, FinishReason.ABORT)
 
     def abort_sequence(self, request_id: str, index: int) -> None:
         """End one of a request's sequences early (a stop string seen in its text)."""
@@ -237,7 +243,7 @@ class LLMEngine:
             return
         for seq in req.seqs:
             if seq.index == index and not seq.is_finished:
-                self._finish(seq, FinishReason.STOP)
+                self._finish(req, seq, FinishReason.STOP)
         if req.finished:
             del self.requests[request_id]
 
@@ -245,17 +251,71 @@ class LLMEngine:
         """True while a step would compute something or report something."""
         return self.scheduler.has_work() or any(r.pending for r in self.requests.values())
 
+    def housekeeping(self) -> list[str]:
+        """Between steps: free blocks whose transfers are finished, and end requests whose
+        external KV missed its deadline (their blocks are freed once the transfer drains).
+        Returns the ids of the requests that expired."""
+        self.scheduler.release_drained()
+        if self.tier is not None:
+            self.tier.poll(time.monotonic())
+        expired = []
+        for seq in self.scheduler.expired_remote(time.monotonic()):
+            expired.append(seq.request_id)
+            self.abort(seq.request_id)
+        return expired
+
     # -- the step ---------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """One forward over the scheduled batch, then one token per sampling row.
+
+        A failure is the failing request's alone: a row that cannot be sampled or advanced
+        fails its request; a forward that raises is retried one sequence at a time, so the
+        sequence that makes it raise fails and the others go on (``take_failures``)."""
+        self.flush_tier_stores()  # before schedule() may hand their blocks out again
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return self.collect_outputs()  # e.g. a remote prefill whose first token ended it
         self.num_steps += 1
-        logits, row_seq = self.runner.execute(batch, self._kv_hook(batch))
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        started = time.monotonic()
+        for seq in batch.seqs:
+            req = self.requests.get(seq.request_id)
+            if req is not None and req.queue_seconds is None:
+                req.queue_seconds = started - req.arrived_at
+        announced: set[tuple[str, int]] = set()
+        try:
+            self._forward_and_sample(batch, announced)
+        except Exception as exc:
+            if len(batch.seqs) == 1:
+                self._fail(batch.seqs[0].request_id, exc)
+            else:
+                log.exception("a step of %d sequences failed: retrying them one at a time",
+                              len(batch.seqs))
+                for single in batch.one_by_one():
+                    if single.seqs[0].is_finished:  # its request failed with a sibling
+                        continue
+                    try:
+                        self._forward_and_sample(single, announced)
+                    except Exception as one:
+                        self._fail(single.seqs[0].request_id, one)
+        return self.collect_outputs()
+
+    def _forward_and_sample(self, batch: ScheduledBatch, announced: set[tuple[str, int]]
+                            ) -> None:
+        """Raises only before any sequence advanced (the forward); after it, a row's error
+        fails that row's request."""
+        masks = self.structured.begin(batch.seqs, batch.num_new_tokens)  # fills during forward
+        plp = prompt_logprobs.plan(batch.seqs, batch.num_new_tokens, self.runner.model.logits)
+        if self.tier is not None:
+            for seq in batch.seqs:
+                self.tier.note_scheduled(seq)
+        logits, row_seq = self.runner.execute(batch, self._kv_hook(batch, announced),
+                                              plp.capture if plp is not None else None)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=False):
             seq.num_computed_tokens += n
             self.scheduler.register_full_blocks(seq)
+            if self.tier is not None:
+                self.tier.note_computed(seq)
         to_sample: list[Sequence] = []
         rows: list[int] = []
         for row, j in enumerate(row_seq):
@@ -276,33 +336,51 @@ class LLMEngine:
             else:
                 to_sample.append(seq)
                 rows.append(row)
-        if to_sample:
-            picked = logits.index_select(0, torch.tensor(rows, device=logits.device))
-            for seq, (tok, lp) in zip(to_sample, sample(picked, to_sample, self.eos_token_ids)):
-                self._append(self.requests[seq.request_id], seq, tok, lp)
-        return self.collect_outputs()
+        if not to_sample:
+            return
+        drawn_rows = sample_rows(logits, rows, to_sample, self.eos_token_ids, masks)
+        for seq, drawn in zip(to_sample, drawn_rows, strict=True):
+            owner = self.requests.get(seq.request_id)
+            if owner is None or seq.is_finished:
+                continue  # its request failed at an earlier row
+            try:
+                if isinstance(drawn, Exception):
+                    raise drawn
+                self._append(owner, seq, *drawn)
+            except Exception as exc:
+                self._fail(seq.request_id, exc)
 
-    def _kv_hook(self, batch: ScheduledBatch) -> Callable[[int], None] | None:
+    def _fail(self, request_id: str, exc: Exception) -> None:
+        """End a request whose computation raised, freeing its blocks; its caller learns why
+        through ``take_failures``."""
+        if request_id not in self.requests:
+            return
+        log.error("request %s failed in the engine: %r", request_id, exc)
+        self.abort(request_id)
+        self.failures.append((request_id, exc if isinstance(exc, PdserveError) else
+                              EngineStepError(f"request {request_id} could not be computed "
+                                              "(the pod's log says why)")))
+
+    def take_failures(self) -> list[tuple[str, PdserveError]]:
+        """Requests the engine failed since the last call, each with its error."""
+        failed, self.failures = self.failures, []
+        return failed
+
+    def _kv_hook(self, batch: ScheduledBatch, announced: set[tuple[str, int]]
+                 ) -> Callable[[int], None] | None:
         """For prefill-only requests whose prompt completes in this step: after each layer's
-        KV write, hand that layer's blocks of the whole prompt to the request's sink."""
-        sinks = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            sink = self.requests[seq.request_id].kv_sink
-            if sink is not None and seq.num_computed_tokens + n == seq.num_tokens:
-                blocks = seq.block_ids[:num_blocks_for(seq.num_tokens, self.args.block_size)]
-                sinks.append((seq.request_id, sink, blocks))
-        if not sinks:
+        KV write, tell the request's outbound transfer which of its blocks hold that layer
+        now (the whole prompt's, from the first block the receiver lacks). ``announced``:
+        (request, layer) pairs told already this step -- a retried forward tells none twice."""
+        sends = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=False):
+            send = self.requests[seq.request_id].kv_send
+            if send is not None and seq.num_computed_tokens + n == seq.num_tokens:
+                last = num_blocks_for(seq.num_tokens, self.args.block_size)
+                sends.append((seq.request_id, send, seq.block_ids[send.first_block:last]))
+        if not sends:
             return None
-
-        def hook(layer: int) -> None:
-            cache = self.runner.kv_caches[layer]
-            for request_id, sink, blocks in sinks:
-                try:
-                    sink(layer, cache, blocks)
-                except Exception:  # the transfer then fails alone; the batch goes on
-                    log.exception("KV sink of %s failed at layer %d", request_id, layer)
-
-        return hook
+        return layer_written_hook(sends, self.runner.device.type == "cuda", announced)
 
     def _child(self, parent: Sequence, index: int) -> Sequence:
         return Sequence(
@@ -311,6 +389,7 @@ class LLMEngine:
             num_prompt_tokens=parent.num_prompt_tokens, max_tokens=parent.max_tokens,
             status=parent.status, num_computed_tokens=parent.num_computed_tokens,
             num_cached_tokens=parent.num_cached_tokens, admitted=True,
+            hash_seed=parent.hash_seed, tier_stored=parent.tier_stored,
             block_ids=list(parent.block_ids),
             block_hashes=list(parent.block_hashes), prefill_only=parent.prefill_only)
 
@@ -327,6 +406,7 @@ class LLMEngine:
 
     def _append(self, req: Request, seq: Sequence, token: int, lp: TokenLogprob | None) -> None:
         seq.token_ids.append(token)
+        grammar_done = self.structured.advance(seq, token)
         delta = req.pending.setdefault(seq.index, SequenceDelta(seq.index, [], [], None))
         delta.token_ids.append(token)
         if lp is not None:
@@ -334,25 +414,26 @@ class LLMEngine:
             delta.logprobs.append(lp)
         p = seq.params
         reason = None
-        if seq.num_output_tokens >= p.min_tokens and (
-                token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)):
+        if grammar_done or (seq.num_output_tokens >= p.min_tokens and (
+                token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids))):
             reason = FinishReason.STOP
         elif seq.num_output_tokens >= seq.max_tokens:
             reason = FinishReason.LENGTH
         elif seq.prefill_only:
             reason = FinishReason.LENGTH  # a prefill pod's part ends with the first token
         if reason is not None:
-            self._finish(seq, reason)
+            self._finish(req, seq, reason)
             delta.finish_reason = reason
 
-    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+    def _finish(self, req: Request, seq: Sequence, reason: FinishReason) -> None:
         seq.finish_reason = reason
-        if seq.status is SequenceStatus.AWAITING_KV:
-            self.pool.release(seq.block_ids)
-            seq.block_ids = []
-            seq.status = SequenceStatus.FINISHED
-        else:
-            self.scheduler.finish(seq)
+        send = req.kv_send
+        if send is not None and reason is FinishReason.ABORT:
+            send.transfer.cancel()
+        if self.tier is not None:
+            self.tier.drop(seq)
+        # A prefill pod's blocks stay held while its connector may still read them.
+        self.scheduler.finish(seq, hold=send.transfer if send is not None else None)
 
     def collect_outputs(self) -> list[RequestOutput]:
         """What requests gained since the last call (step() calls it too)."""
@@ -363,7 +444,8 @@ class LLMEngine:
             parent = req.seqs[0]
             outputs.append(RequestOutput(
                 req.request_id, [req.pending[i] for i in sorted(req.pending)], req.finished,
-                parent.num_prompt_tokens, parent.num_cached_tokens))
+                parent.num_prompt_tokens, parent.num_cached_tokens,
+                prompt_logprobs.take(parent), req.queue_seconds or 0.0))
             req.pending = {}
             if req.finished:
                 del self.requests[req.request_id]

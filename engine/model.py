@@ -1,7 +1,8 @@
 """The Llama-family forward (Llama 2/3, Qwen2, Mistral) over the paged KV cache.
 
 Plain PyTorch you can read top to bottom; every fused op goes through kernels.ops, which
-runs Triton on CUDA and the torch references on CPU. The forward takes a flat batch of
+runs Triton on CUDA and the CPU serving kernels on CPU (those take a plan made once per
+forward: what every layer shares). The forward takes a flat batch of
 tokens (any mix of prefill chunks and decode tokens) described by AttentionMetadata.
 """
 
@@ -11,6 +12,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,7 @@ from engine.config import ModelConfig, RopeConfig
 from engine.errors import ModelLoadError
 from engine.weights import load_state, take
 from kernels import ops
+from kernels.cpu_step import CpuStepPlan
 
 
 @dataclass(slots=True)
@@ -86,11 +89,14 @@ class DecoderLayer(nn.Module):
         self.o_weight = nn.Parameter(torch.empty(h, self.q_size))
         self.gate_up_weight = nn.Parameter(torch.empty(2 * inter, h))
         self.down_weight = nn.Parameter(torch.empty(h, inter))
+        # CPU: projection weights packed once (LlamaModel.pack_linear_weights), by name
+        self.packed: dict[str, torch.Tensor] = {}
 
     def attention(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
                   kv_cache: torch.Tensor, attn: AttentionMetadata,
-                  after_kv_write: Callable[[], None] | None) -> torch.Tensor:
-        qkv = ops.linear(x, self.qkv_weight, self.qkv_bias)
+                  after_kv_write: Callable[[], None] | None,
+                  plan: CpuStepPlan | None = None) -> torch.Tensor:
+        qkv = ops.linear(x, self.qkv_weight, self.qkv_bias, self.packed.get("qkv_weight"))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # Views into qkv, no copies: every kernel takes a strided token/head layout, and at
         # batch 1 three copy launches per layer are a measurable share of a decode step.
@@ -98,23 +104,42 @@ class DecoderLayer(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         ops.rotary_embedding_and_write_kv(q, k, v, positions, cos_sin, kv_cache,
-                                          attn.slot_mapping)
+                                          attn.slot_mapping, plan)
         if after_kv_write is not None:
             after_kv_write()  # this layer's KV is final: a connector may start sending it
-        if attn.is_decode:
+        if plan is not None:
+            o = ops.paged_attention_cpu(q, k, v, kv_cache, plan, self.scale)
+        elif attn.is_decode:
             o = ops.paged_decode_attention(q, kv_cache, attn.block_tables, attn.context_lens,
                                            self.scale)
         else:
             o = ops.paged_prefill_attention(q, kv_cache, attn.block_tables, attn.cu_seqlens_q,
                                             attn.context_lens, self.scale)
-        return ops.linear(o.reshape(-1, self.q_size), self.o_weight)
+        return ops.linear(o.reshape(-1, self.q_size), self.o_weight, None,
+                          self.packed.get("o_weight"))
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.linear(ops.silu_and_mul(ops.linear(x, self.gate_up_weight)), self.down_weight)
+        gate_up = ops.linear(x, self.gate_up_weight, None, self.packed.get("gate_up_weight"))
+        return ops.linear(ops.silu_and_mul(gate_up), self.down_weight, None,
+                          self.packed.get("down_weight"))
+
+    def pack_linear_weights(self) -> None:
+        for name in ("qkv_weight", "o_weight", "gate_up_weight", "down_weight"):
+            _pack_into(self, name, self.packed)
+
+
+def _pack_into(module: nn.Module, name: str, packed: dict[str, torch.Tensor]) -> None:
+    weight = getattr(module, name)
+    p = ops.pack_linear_weight(weight)
+    if p is not None:
+        packed[name] = p
+        weight.data = weight.data.new_empty(0)  # only the packed copy is read from now on
 
 
 class LlamaModel(nn.Module):
     """Embedding, decoder layers, final norm and LM head; no KV cache of its own."""
+
+    cos_sin: torch.Tensor  # a buffer: [max_positions, head_dim] RoPE table, float32
 
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
         super().__init__()
@@ -127,31 +152,45 @@ class LlamaModel(nn.Module):
         self.register_buffer(
             "cos_sin", rope_cos_sin_cache(cfg.rope, cfg.head_dim, max_positions),
             persistent=False)
+        self.packed: dict[str, torch.Tensor] = {}  # the untied LM head, packed (CPU)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
                 kv_caches: list[torch.Tensor], layer_hook: LayerHook | None = None
                 ) -> torch.Tensor:
         """Returns the final hidden states [T, hidden] (normed)."""
         hidden = F.embedding(input_ids, self.embed)
-        residual: torch.Tensor | None = None
-        for i, layer in enumerate(self.layers):
-            if residual is None:
-                residual = hidden
+        plan = ops.plan_cpu_step(positions, self.cos_sin, attn.slot_mapping, attn.block_tables,
+                                 attn.context_lens, attn.cu_seqlens_q, kv_caches[0])
+        residual = hidden
+        for i, layer in enumerate(self.decoder_layers):
+            if i == 0:
                 x = ops.rms_norm(hidden, layer.input_norm, layer.eps)
             else:
                 x, residual = ops.fused_add_rms_norm(hidden, residual, layer.input_norm,
                                                      layer.eps)
             hook = (lambda i=i: layer_hook(i)) if layer_hook is not None else None
-            hidden = layer.attention(x, positions, self.cos_sin, kv_caches[i], attn, hook)
+            hidden = layer.attention(x, positions, self.cos_sin, kv_caches[i], attn, hook, plan)
             x, residual = ops.fused_add_rms_norm(hidden, residual, layer.post_attn_norm,
                                                  layer.eps)
             hidden = layer.mlp(x)
         out, _ = ops.fused_add_rms_norm(hidden, residual, self.norm, self.cfg.rms_norm_eps)
         return out
 
+    @property
+    def decoder_layers(self) -> list[DecoderLayer]:
+        return cast(list[DecoderLayer], list(self.layers))
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed if self.lm_head is None else self.lm_head
-        return ops.linear(hidden, weight).float()
+        return ops.linear(hidden, weight, None, self.packed.get("lm_head")).float()
+
+    def pack_linear_weights(self) -> None:
+        """Pack every projection weight once for the CPU kernels (bf16), freeing the plain
+        copies; a tied LM head stays plain, the embedding lookup reads it."""
+        for layer in self.decoder_layers:
+            layer.pack_linear_weights()
+        if self.lm_head is not None:
+            _pack_into(self, "lm_head", self.packed)
 
     def load_weights(self, model_dir: Path, show_progress: bool = False) -> None:
         state = load_state(model_dir, show_progress)
@@ -163,7 +202,7 @@ class LlamaModel(nn.Module):
                 self.lm_head.copy_(take(state, "lm_head.weight"))
             else:
                 state.pop("lm_head.weight", None)
-            for i, layer in enumerate(self.layers):
+            for i, layer in enumerate(self.decoder_layers):
                 p = f"{pre}layers.{i}."
                 layer.input_norm.copy_(take(state, p + "input_layernorm.weight"))
                 layer.post_attn_norm.copy_(take(state, p + "post_attention_layernorm.weight"))

@@ -11,9 +11,13 @@ import torch
 
 from engine.config import ModelConfig
 from engine.cuda_graphs import DecodeGraphs
-from engine.kv_layout import DTYPES, KVLayout, num_blocks_for
+from engine.device import resolve_dtype, set_cpu_threads
+from engine.kv_layout import DTYPES, KVLayout, KVMemory, num_blocks_for
 from engine.model import AttentionMetadata, LlamaModel, rope_cos_sin_cache
 from engine.scheduler import ScheduledBatch
+from kernels import cpu_native
+
+_GPU_HEADROOM_BYTES = 2 << 30
 
 
 @dataclass(slots=True)
@@ -30,15 +34,25 @@ class ModelRunner:
                  block_size: int, max_model_len: int, num_blocks: int | None,
                  kv_cache_memory_bytes: int | None, gpu_memory_utilization: float,
                  show_progress: bool = False, max_num_seqs: int = 256,
-                 cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool = True, cpu_threads: int | None = None) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
+        if self.device.type == "cuda":
+            # Kernels launch on the current device: make it this pod's GPU (cuda:N).
+            # A bare "cuda" means the device that is current now (set_device refuses it).
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            torch.cuda.set_device(self.device)
+        else:
+            set_cpu_threads(cpu_threads)
+        dtype = resolve_dtype(dtype, device)  # "auto" -> a concrete name for the layout
         self.dtype = DTYPES[dtype]
         self.block_size = block_size
         with torch.device("meta"):  # no memory until the checkpoint's tensors arrive
             model = LlamaModel(cfg, max_model_len)
         model = model.to_empty(device=self.device).to(self.dtype)
         model.load_weights(model_dir, show_progress)
+        model.pack_linear_weights()  # CPU bf16: once here instead of at every call
         self.model = model
         # RoPE tables stay float32, computed as HF computes them (after the dtype cast).
         self.model.cos_sin = rope_cos_sin_cache(cfg.rope, cfg.head_dim, max_model_len).to(
@@ -51,6 +65,10 @@ class ModelRunner:
         shape = self.layout.layer_shape(self.num_blocks)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                           for _ in range(cfg.num_layers)]
+        # Described once; the pod's connector registers it at start-up (external_kv.py).
+        self.kv_memory = KVMemory(self.layout, tuple(self.kv_caches))
+        if self.device.type == "cpu":
+            cpu_native.serves(self.kv_caches[0])  # builds the C attention now, not at a request
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and self.device.type == "cuda":
             self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs,
@@ -61,8 +79,13 @@ class ModelRunner:
         per_block = self.layout.block_bytes_per_layer * self.cfg.num_layers
         if budget is None:
             if self.device.type == "cuda":
+                # This process's share of the GPU (pods sharing a GPU each get a fraction),
+                # less what it holds already (weights), less room for activations, logits
+                # and CUDA graphs; never more than is free now.
                 free, total = torch.cuda.mem_get_info(self.device)
-                budget = int(free - (1 - utilization) * total)
+                mine = torch.cuda.memory_reserved(self.device)
+                budget = min(int(utilization * total) - mine - _GPU_HEADROOM_BYTES,
+                             free - _GPU_HEADROOM_BYTES)
             else:
                 budget = 256 << 20  # CPU default: 256 MiB of KV
         return max(budget // per_block, 1)
@@ -76,7 +99,7 @@ class ModelRunner:
         cu = [0]
         rows: list[int] = []
         row_seq: list[int] = []
-        for j, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+        for j, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=False)):
             start = seq.num_computed_tokens
             ids.extend(seq.token_ids[start:start + n])
             for p in range(start, start + n):
@@ -101,18 +124,24 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch,
-                layer_hook: Callable[[int], None] | None = None) -> tuple[torch.Tensor, list[int]]:
-        """Runs one step; returns (logits [rows, vocab] float32, batch index of each row)."""
+                layer_hook: Callable[[int], None] | None = None,
+                hidden_hook: Callable[[torch.Tensor], None] | None = None,
+                ) -> tuple[torch.Tensor, list[int]]:
+        """Runs one step; returns (logits [rows, vocab] float32, batch index of each row).
+        hidden_hook gets the final hidden states of every row (prompt logprobs)."""
         for src, dst in batch.block_copies:
             self.copy_block(src, dst)
         inputs = self.prepare(batch)
-        if (self.graphs is not None and layer_hook is None and inputs.attn.is_decode
+        if (self.graphs is not None and layer_hook is None and hidden_hook is None
+                and inputs.attn.is_decode
                 and self.graphs.padded_size(len(batch.seqs)) is not None):
             # a decode batch samples every row, in order: the graph's logits are the answer
             logits = self.graphs.run(inputs.input_ids, inputs.positions, inputs.attn)
             return logits, inputs.sample_seq_idx
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn, self.kv_caches,
                             layer_hook)
+        if hidden_hook is not None:
+            hidden_hook(hidden)
         logits = self.model.logits(hidden.index_select(0, inputs.sample_rows))
         return logits, inputs.sample_seq_idx
 

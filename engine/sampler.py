@@ -1,98 +1,438 @@
-"""Sampler: turns a step's logits into tokens, per sequence and its SamplingParams.
+"""Sampler: turns one step's logits into one token per sequence, for the whole batch at once.
 
-Randomness is counter-based: the draw for a sequence's k-th output token uses a generator
-seeded from (request seed, sequence index, k). So a seeded request gives the same tokens
-whether it ran colocated, was preempted and recomputed, or had its first token sampled on
-a prefill pod and the rest on a decode pod.
+A batch costs a fixed number of tensor operations whatever its size: per-row parameters
+(temperature, top-k/p, min-p, penalties, seeds) travel to the device as two small tensors,
+penalties and the grammar bitmask are applied with batched scatters and masks, and every
+row is drawn by inverse-CDF sampling from one uniform per row. Nothing loops over the
+sequences on the device, and no ``torch.Generator`` is made per token.
+
+Randomness is counter-based: the uniform behind a sequence's k-th output token is a hash
+of (request seed, sequence index, k) computed on the host with exact 64-bit integer
+arithmetic (numpy, wrapping by definition). So a seeded request gives the same tokens
+whether it ran colocated, was preempted and recomputed, shared its batch with anything
+else, or had its first token sampled on a prefill pod and the rest on a decode pod.
+
+Any parameters SamplingParams accepts sample sanely: a temperature below SAMPLING_EPS is
+greedy; penalised logits are clamped to +-LOGIT_BOUND, so no temperature makes them inf
+and no softmax NaN; a row that min_tokens' ban (and a grammar) leaves with no token at all
+falls back (``_revive_dead_rows``). A row whose model logits hold NaN raises
+``RowSamplingError`` naming it, so the engine fails that request alone.
 """
 
 from __future__ import annotations
 
-import hashlib
-import struct
+import logging
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from typing import Protocol
 
+import numpy as np
 import torch
 
+from engine.errors import PdserveError
+from engine.sampling_params import SAMPLING_EPS
 from engine.sequence import Sequence, TokenLogprob
+from kernels import ops
+
+log = logging.getLogger(__name__)
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_NEG_INF = float("-inf")
+# Penalties may push a logit to +-inf (a repetition penalty of 1e-40 or 1e38): clamped to
+# this, a logit divided by any temperature >= SAMPLING_EPS stays below float32's 3.4e38.
+LOGIT_BOUND = 1e30
 
 
-def draw_seed(seed: int, index: int, position: int) -> int:
-    digest = hashlib.blake2b(struct.pack("<qqq", seed, index, position), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+class RowSamplingError(PdserveError):
+    """Rows of a batch that cannot be sampled (their model logits hold NaN)."""
+
+    def __init__(self, message: str, rows: list[int]) -> None:
+        super().__init__(message)
+        self.rows = rows
 
 
-def apply_penalties(row: torch.Tensor, seq: Sequence, eos_ids: list[int]) -> torch.Tensor:
-    p = seq.params
-    out_ids = seq.output_token_ids
-    if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=row.device)
-        vals = row[seen]
-        row[seen] = torch.where(vals > 0, vals / p.repetition_penalty,
-                                vals * p.repetition_penalty)
-    if out_ids and (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0):
-        counts = torch.bincount(torch.tensor(out_ids, device=row.device),
-                                minlength=row.shape[0])[: row.shape[0]].to(row.dtype)
-        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
-    if seq.num_output_tokens < p.min_tokens:
-        banned = list(p.stop_token_ids) + ([] if p.ignore_eos else eos_ids)
-        if banned:
-            row[torch.tensor(banned, device=row.device)] = float("-inf")
-    return row
+class TokenMasks(Protocol):
+    """Allowed-token bitmasks for the rows of a batch (engine.structured_output)."""
+
+    def bitmask(self, seqs: Seq[Sequence], device: torch.device) -> torch.Tensor | None:
+        """[len(seqs), ceil(vocab / 32)] int32, bit t of a row set = token t allowed
+        (unconstrained rows all ones); None when no row is constrained."""
+        ...
 
 
-def filter_logits(row: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    """Mask (to -inf) the tokens that top-k, top-p and min-p exclude."""
-    if top_k > 0 and top_k < row.shape[0]:
-        kth = torch.topk(row, top_k).values[-1]
-        row = row.masked_fill(row < kth, float("-inf"))
-    if min_p > 0.0:
-        probs = torch.softmax(row, dim=-1)
-        row = row.masked_fill(probs < min_p * probs.max(), float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(row, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the mass before it already reaches top_p (keeps at least one)
-        drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
-        row = row.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return row
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        z = x + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        return z ^ (z >> np.uint64(31))
 
 
-def needs_processing(seq: Sequence) -> bool:
-    p = seq.params
-    return (not p.greedy or p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0
-            or p.presence_penalty != 0.0 or seq.num_output_tokens < p.min_tokens)
+def counter_uniforms(seeds: Seq[int], indices: Seq[int], positions: Seq[int]) -> np.ndarray:
+    """One uniform in (0, 1) per row, a pure function of (seed, index, position).
+
+    A chained splitmix64 over the three counters; 24 bits of the result make a float32
+    exactly, offset by half a step so that neither 0 nor 1 can come out.
+    """
+    s = np.array([v & 0xFFFFFFFFFFFFFFFF for v in seeds], dtype=np.uint64)
+    i = np.array(indices, dtype=np.uint64)
+    p = np.array(positions, dtype=np.uint64)
+    z = _splitmix64(_splitmix64(_splitmix64(s) ^ i) ^ p)
+    return (((z >> np.uint64(40)).astype(np.float64) + 0.5) / float(1 << 24)).astype(np.float32)
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: list[int]
-           ) -> list[tuple[int, TokenLogprob | None]]:
-    """logits: [len(seqs), vocab] float32, one row per sequence to sample for."""
-    greedy_ids = torch.argmax(logits, dim=-1).tolist()
-    want_logprobs = any(s.params.logprobs is not None for s in seqs)
-    raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-    results: list[tuple[int, TokenLogprob | None]] = []
+@dataclass(slots=True)
+class _Rows:
+    """The batch's per-row parameters, gathered on the host in one pass."""
+
+    temperature: list[float]
+    top_k: list[int]  # vocab when off
+    top_p: list[float]
+    min_p: list[float]
+    uniform: np.ndarray
+    any_random: bool
+    any_top_p: bool
+    any_min_p: bool
+    # every sampled row has a top-k: draw among the max top-k candidates only
+    candidates: int | None
+    # sampled rows with a top-k, top-p or min-p: their CDF runs in descending order
+    filtered: list[bool]
+    any_penalty: bool
+    any_min_tokens: bool
+
+    @classmethod
+    def of(cls, seqs: Seq[Sequence], vocab: int) -> _Rows:
+        params = [s.params for s in seqs]
+        # below the epsilon: exactly greedy, on the host and on the device alike
+        temps = [p.temperature if p.temperature >= SAMPLING_EPS else 0.0 for p in params]
+        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        randoms = [t > 0.0 for t in temps]
+        any_random = any(randoms)
+        sampled_k = [k for k, r in zip(top_k, randoms, strict=True) if r]
+        return cls(
+            temperature=temps, top_k=top_k, top_p=[p.top_p for p in params],
+            min_p=[p.min_p for p in params],
+            uniform=counter_uniforms([s.seed for s in seqs], [s.index for s in seqs],
+                                     [s.num_output_tokens for s in seqs])
+            if any_random else np.zeros(len(seqs), dtype=np.float32),
+            any_random=any_random,
+            any_top_p=any(p.top_p < 1.0 for p, r in zip(params, randoms, strict=True) if r),
+            any_min_p=any(p.min_p > 0.0 for p, r in zip(params, randoms, strict=True) if r),
+            candidates=max(sampled_k) if sampled_k and max(sampled_k) < vocab else None,
+            filtered=[r and (k < vocab or p.top_p < 1.0 or p.min_p > 0.0)
+                      for p, k, r in zip(params, top_k, randoms, strict=True)],
+            any_penalty=any(p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0
+                            or p.presence_penalty != 0.0 for p in params),
+            any_min_tokens=any(s.num_output_tokens < s.params.min_tokens for s in seqs))
+
+
+def _device_list(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
+def _flat_positions(rows: list[int], lists: list[list[int]], vocab: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Positions row * vocab + token in a flattened [batch, vocab] for every token of each
+    row's list (duplicates kept), and the index into ``rows`` each position came from;
+    built with numpy, not per element."""
+    tokens: list[int] = []
+    for ids in lists:
+        tokens.extend(ids)
+    owner = np.repeat(np.arange(len(rows)), [len(ids) for ids in lists])
+    flat = np.asarray(rows, dtype=np.int64)[owner] * vocab + np.asarray(tokens, dtype=np.int64)
+    return flat, owner
+
+
+def _to(array: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(array).to(device=device, dtype=dtype, non_blocking=True)
+
+
+def apply_penalties(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: Seq[int]) -> None:
+    """In place on [len(seqs), vocab]: repetition (prompt and output tokens), frequency and
+    presence (output tokens) penalties, the result clamped to +-LOGIT_BOUND.
+
+    Only the logits of the tokens concerned are touched: token lists are flattened on the
+    host, and on the device each kind is a gather and a scatter over those positions. A
+    token listed twice needs no deduplication: the repetition and presence scatters write
+    the same value for every copy of a position, and frequency accumulates per occurrence.
+    """
+    vocab = logits.shape[1]
+    dev = logits.device
+    rep_rows: list[int] = []
+    rep_lists: list[list[int]] = []
+    rep: list[float] = []
+    out_rows: list[int] = []
+    out_lists: list[list[int]] = []
+    freq: list[float] = []
+    pres: list[float] = []
     for i, seq in enumerate(seqs):
-        token = greedy_ids[i]
-        if needs_processing(seq):
-            p = seq.params
-            row = apply_penalties(logits[i].clone(), seq, eos_ids)
-            if p.greedy:
-                token = int(torch.argmax(row))
-            else:
-                row = filter_logits(row / p.temperature, p.top_k, p.top_p, p.min_p)
-                probs = torch.softmax(row, dim=-1)
-                gen = torch.Generator(device=logits.device)
-                gen.manual_seed(draw_seed(seq.seed, seq.index, seq.num_output_tokens))
-                token = int(torch.multinomial(probs, 1, generator=gen))
-        lp = None
-        if raw_logprobs is not None and seq.params.logprobs is not None:
-            lp = token_logprob(raw_logprobs[i], token, seq.params.logprobs)
-        results.append((token, lp))
-    return results
+        p = seq.params
+        if p.repetition_penalty != 1.0:
+            rep_rows.append(i)
+            rep_lists.append(seq.token_ids)
+            rep.append(p.repetition_penalty)
+        if seq.num_output_tokens and (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0):
+            out_rows.append(i)
+            out_lists.append(seq.output_token_ids)
+            freq.append(p.frequency_penalty)
+            pres.append(p.presence_penalty)
+    flat = logits.view(-1)
+    if rep_rows:
+        at, owner = _flat_positions(rep_rows, rep_lists, vocab)
+        index = _to(at, torch.int64, dev)
+        r = _to(np.asarray(rep, dtype=np.float32)[owner], logits.dtype, dev)
+        vals = flat.index_select(0, index)
+        flat.index_copy_(0, index, torch.where(vals > 0, vals / r, vals * r))
+    if out_rows:
+        at, owner = _flat_positions(out_rows, out_lists, vocab)
+        index = _to(at, torch.int64, dev)
+        if any(pres):
+            pr = _to(np.asarray(pres, dtype=np.float32)[owner], logits.dtype, dev)
+            flat.index_copy_(0, index, flat.index_select(0, index) - pr)
+        if any(freq):
+            fr = _to(np.asarray(freq, dtype=np.float32)[owner], logits.dtype, dev)
+            flat.index_add_(0, index, -fr)
+    logits.clamp_(-LOGIT_BOUND, LOGIT_BOUND)
 
 
-def token_logprob(logprobs_row: torch.Tensor, token: int, k: int) -> TokenLogprob:
-    top: list[tuple[int, float]] = []
+def apply_min_tokens_ban(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: Seq[int]) -> None:
+    """In place: -inf on eos and the stop token ids of rows that have not yet produced
+    their min_tokens."""
+    vocab = logits.shape[1]
+    ban_rows: list[int] = []
+    ban_lists: list[list[int]] = []
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        if seq.num_output_tokens < p.min_tokens:
+            ban_rows.append(i)
+            ban_lists.append(sorted(set(p.stop_token_ids)
+                                    | (set() if p.ignore_eos else set(eos_ids))))
+    if ban_rows:
+        at, _ = _flat_positions(ban_rows, ban_lists, vocab)
+        logits.view(-1).index_fill_(0, _to(at, torch.int64, logits.device), _NEG_INF)
+
+
+def _revive_dead_rows(logits: torch.Tensor, before: torch.Tensor,
+                      bitmask: torch.Tensor | None, banned: bool) -> None:
+    """In place: a row the ban and the mask left without a single allowed token gets its
+    logits from before the ban (the grammar's mask kept), else from before both.
+
+    Why: when every token the grammar allows (or the whole vocabulary) is a stop token,
+    min_tokens cannot be met by a non-stop token. Sampling among the stop tokens keeps the
+    length promise -- the engine does not end a sequence on a stop token before its
+    min_tokens -- where an all -inf row would make NaN probabilities. A grammar that allows
+    nothing at all is its own error: the row is sampled unmasked and the grammar refuses
+    the token. No host sync: torch.where over every row.
+    """
+    dead = torch.isneginf(logits).all(dim=-1, keepdim=True)
+    fallback = before
+    if bitmask is not None and banned:
+        masked = before.clone()
+        apply_bitmask(masked, bitmask)
+        fallback = torch.where(torch.isneginf(masked).all(dim=-1, keepdim=True), before, masked)
+    logits.copy_(torch.where(dead, fallback, logits))
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place: -inf wherever the row's bit is clear. bitmask: [batch, ceil(vocab / 32)]
+    int32 on logits' device (llguidance/xgrammar layout: token t is bit t % 32 of word
+    t // 32). One Triton launch on a GPU, one C pass on the CPU (kernels.ops)."""
+    ops.apply_token_bitmask(logits, bitmask)
+
+
+def _open_empty_rows(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The mask with every bit set in the rows that allow no token below ``vocab``.
+
+    Such a row (a grammar that allows nothing) is sampled unmasked and the grammar then
+    refuses the token, as ``_revive_dead_rows`` does; found on the [batch, vocab / 32]
+    words instead of on the logits, so the common case (no min_tokens ban) needs no copy
+    of the logits and no pass over them."""
+    full, rest = divmod(vocab, 32)
+    allows = (bitmask[:, :full] != 0).any(dim=1)
+    if rest:
+        allows |= (bitmask[:, full] & ((1 << rest) - 1)) != 0
+    return bitmask.masked_fill(~allows.unsqueeze(1), -1)
+
+
+def _top_p_keep(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """On probabilities sorted in descending order: a token is dropped when the mass before
+    it already reaches top_p (so at least one is kept)."""
+    return (torch.cumsum(probs, dim=-1) - probs) < top_p.unsqueeze(1)
+
+
+def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Per row, the first position whose cumulative mass exceeds u * total ([batch, 1]). A
+    position of zero probability never starts a new step of the CDF, so it is never picked
+    (except past the end by rounding, which the caller checks)."""
+    cdf = torch.cumsum(probs, dim=-1)
+    target = (uniform * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[1] - 1)
+
+
+def _draw_sorted(scaled: torch.Tensor, rows: _Rows, uniform: torch.Tensor,
+                 top_p: torch.Tensor, min_p: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row drawn over its tokens in descending order, after its top-k, min-p and
+    top-p: (tokens [batch, 1], whether the drawn position had mass [batch, 1])."""
+    dev = scaled.device
+    ordered, order = torch.sort(scaled, dim=-1, descending=True)
+    if rows.any_top_p or any(k < scaled.shape[1] for k in rows.top_k):
+        top_k = _device_list(rows.top_k, torch.int64, dev)
+        floor = ordered.gather(1, (top_k - 1).unsqueeze(1))
+        if rows.any_min_p:
+            floor = torch.maximum(floor, ordered[:, :1] + torch.log(min_p).unsqueeze(1))
+        if rows.any_top_p:
+            kept = torch.softmax(ordered.masked_fill(ordered < floor, _NEG_INF), dim=-1)
+            count = _top_p_keep(kept, top_p).sum(dim=-1, keepdim=True).clamp(min=1)
+            floor = torch.maximum(floor, ordered.gather(1, count - 1))
+        ordered = ordered.masked_fill(ordered < floor, _NEG_INF)
+    elif rows.any_min_p:
+        floor = ordered[:, :1] + torch.log(min_p).unsqueeze(1)
+        ordered = ordered.masked_fill(ordered < floor, _NEG_INF)
+    probs = torch.softmax(ordered, dim=-1)
+    at = _inverse_cdf(probs, uniform)
+    return order.gather(1, at), probs.gather(1, at) > 0
+
+
+def _draw(logits: torch.Tensor, rows: _Rows, greedy: torch.Tensor) -> torch.Tensor:
+    """Tokens for every row: greedy rows keep ``greedy``; the others sample, after
+    temperature, top-k, then min-p (relative to the best token), then top-p."""
+    dev = logits.device
+    floats = torch.tensor(np.stack([np.asarray(rows.temperature, dtype=np.float32),
+                                    np.asarray(rows.top_p, dtype=np.float32),
+                                    np.asarray(rows.min_p, dtype=np.float32),
+                                    rows.uniform]), dtype=torch.float32)
+    floats = floats.to(dev, non_blocking=True)
+    temperature, top_p, min_p, uniform = floats[0], floats[1], floats[2], floats[3]
+    is_greedy = temperature == 0.0
+    scaled = logits / torch.where(is_greedy, 1.0, temperature).unsqueeze(1)
+    if rows.candidates is not None:
+        drawn, ok = _draw_candidates(scaled, rows, uniform, top_p, min_p)
+    else:
+        drawn, ok = _draw_full(scaled, rows, uniform, top_p, min_p)
+    # rounding at the very top of the CDF (or a row with nothing allowed): the argmax
+    drawn = torch.where(ok, drawn, greedy.unsqueeze(1)).squeeze(1)
+    return torch.where(is_greedy, greedy, drawn)
+
+
+def _draw_candidates(scaled: torch.Tensor, rows: _Rows, uniform: torch.Tensor,
+                     top_p: torch.Tensor, min_p: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sampled row keeps at most k tokens: one top-k pass over the vocabulary, then
+    everything else happens on [batch, k] (already sorted, descending)."""
+    dev = scaled.device
+    k = rows.candidates
+    assert k is not None
+    values, ids = torch.topk(scaled, k, dim=-1)
+    top_k = _device_list(rows.top_k, torch.int64, dev)
+    drop = torch.arange(k, device=dev).unsqueeze(0) >= top_k.unsqueeze(1)
+    if rows.any_min_p:
+        drop |= values < values[:, :1] + torch.log(min_p).unsqueeze(1)
+    probs = torch.softmax(values.masked_fill(drop, _NEG_INF), dim=-1)
+    if rows.any_top_p:
+        probs = probs * _top_p_keep(probs, top_p)
+    at = _inverse_cdf(probs, uniform)
+    return ids.gather(1, at), probs.gather(1, at) > 0
+
+
+def _draw_full(scaled: torch.Tensor, rows: _Rows, uniform: torch.Tensor,
+               top_p: torch.Tensor, min_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Over the whole vocabulary. A filtered row's CDF runs over its tokens in descending
+    order, as top-k's does (its token for a given uniform must not depend on which path its
+    batch took); an unfiltered row's runs in token order, the same whatever its batch, and
+    needs no sort of the vocabulary (at 128k tokens the sort was most of a CPU step)."""
+    sampled = [t > 0.0 for t in rows.temperature]
+    want_sorted = any(rows.filtered)
+    want_plain = any(s and not f for s, f in zip(sampled, rows.filtered, strict=True))
+    if want_sorted:
+        drawn_sorted, ok_sorted = _draw_sorted(scaled, rows, uniform, top_p, min_p)
+        if not want_plain:
+            return drawn_sorted, ok_sorted
+    probs = torch.softmax(scaled, dim=-1)
+    drawn = _inverse_cdf(probs, uniform)
+    ok = probs.gather(1, drawn) > 0
+    if not want_sorted:
+        return drawn, ok
+    pick = _device_list(rows.filtered, torch.bool, scaled.device).unsqueeze(1)
+    return torch.where(pick, drawn_sorted, drawn), torch.where(pick, ok_sorted, ok)
+
+
+def sample(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: Seq[int],
+           masks: TokenMasks | None = None) -> list[tuple[int, TokenLogprob | None]]:
+    """logits: [len(seqs), vocab] float32, one row per sequence to sample for; they may be
+    modified in place (penalties, masks).
+
+    Logprobs are those of the raw model logits (before penalties, masks and temperature),
+    as vLLM reports them by default.
+    """
+    vocab = logits.shape[1]
+    rows = _Rows.of(seqs, vocab)
+    want = [s.params.logprobs for s in seqs]
+    raw_logprobs = (torch.log_softmax(logits, dim=-1)
+                    if any(k is not None for k in want) else None)
+    bitmask = masks.bitmask(seqs, logits.device) if masks is not None else None
+    nan_rows = torch.isnan(logits).any(dim=-1)  # read with the tokens: no extra sync
+    # in place: the raw logits were read above if logprobs need them
+    if rows.any_penalty:
+        apply_penalties(logits, seqs, eos_ids)
+    if bitmask is not None and not rows.any_min_tokens:
+        apply_bitmask(logits, _open_empty_rows(bitmask, vocab))
+    elif rows.any_min_tokens or bitmask is not None:
+        before = logits.clone()
+        if rows.any_min_tokens:
+            apply_min_tokens_ban(logits, seqs, eos_ids)
+        if bitmask is not None:
+            apply_bitmask(logits, bitmask)
+        _revive_dead_rows(logits, before, bitmask, rows.any_min_tokens)
+    greedy = torch.argmax(logits, dim=-1)
+    tokens = _draw(logits, rows, greedy) if rows.any_random else greedy
+    token_list, bad = torch.stack([tokens, nan_rows.long()]).tolist()
+    if any(bad):
+        rows_bad = [i for i, b in enumerate(bad) if b]
+        raise RowSamplingError(f"the model's logits hold NaN for {len(rows_bad)} row(s)",
+                               rows_bad)
+    if raw_logprobs is None:
+        return [(t, None) for t in token_list]
+    return list(zip(token_list, _logprobs(raw_logprobs, tokens, token_list, want),
+                    strict=True))
+
+
+def sample_rows(logits: torch.Tensor, rows: list[int], seqs: Seq[Sequence], eos_ids: Seq[int],
+                masks: TokenMasks | None = None
+                ) -> list[tuple[int, TokenLogprob | None] | Exception]:
+    """``sample`` of ``logits[rows]`` (``logits`` itself is left as it is); if the batch
+    raises, each row alone -- a row is drawn the same either way -- with the exception in
+    place of a row that still fails, so that one bad row fails one request."""
+    picked = logits.index_select(0, torch.tensor(rows, device=logits.device))
+    try:
+        return list(sample(picked, seqs, eos_ids, masks))
+    except Exception:
+        log.exception("sampling %d rows failed: sampling them one at a time", len(seqs))
+    out: list[tuple[int, TokenLogprob | None] | Exception] = []
+    for row, seq in zip(rows, seqs, strict=True):
+        try:
+            out.append(sample(logits[row:row + 1].clone(), [seq], eos_ids, masks)[0])
+        except Exception as exc:  # the caller fails this row's request alone
+            out.append(exc)
+    return out
+
+
+def _logprobs(raw: torch.Tensor, tokens: torch.Tensor, token_list: list[int],
+              want: list[int | None]) -> list[TokenLogprob | None]:
+    chosen = raw.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+    k = max(w or 0 for w in want)
+    top_vals: list[list[float]] = [[] for _ in want]
+    top_ids: list[list[int]] = [[] for _ in want]
     if k > 0:
-        vals, ids = torch.topk(logprobs_row, k)
-        top = list(zip(ids.tolist(), vals.tolist()))
-    return TokenLogprob(token_id=token, logprob=float(logprobs_row[token]), top=top)
+        vals, ids = torch.topk(raw, k, dim=-1)
+        top_vals, top_ids = vals.tolist(), ids.tolist()
+    out: list[TokenLogprob | None] = []
+    for i, w in enumerate(want):
+        if w is None:
+            out.append(None)
+            continue
+        out.append(TokenLogprob(token_id=token_list[i], logprob=chosen[i],
+                                top=list(zip(top_ids[i][:w], top_vals[i][:w], strict=True))))
+    return out

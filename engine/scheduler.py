@@ -5,14 +5,21 @@ next prefill chunk), then waiting ones in arrival order while blocks and budget 
 (admission by free blocks; chunked prefill). When a running sequence cannot get a block,
 the newest running sequence is preempted by recompute: its blocks are freed and it waits
 again at the head of the queue, keeping the tokens it already generated.
+
+External KV (engine/external_kv.py) is a state here too: a sequence whose prompt KV is on
+its way holds its blocks in ``remote`` with a deadline and is never scheduled until it is
+admitted; blocks a transfer may still touch wait in ``draining`` until it is finished.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from engine.block_pool import BlockPool, hash_block, prefix_hashes
+from engine.errors import CapacityError
+from engine.external_kv import TransferHandle
 from engine.kv_layout import num_blocks_for
 from engine.sequence import Sequence, SequenceStatus
 
@@ -29,6 +36,25 @@ class ScheduledBatch:
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
 
+    def one_by_one(self) -> list[ScheduledBatch]:
+        """This batch as batches of one sequence each, each with its own copy-on-write
+        copies (copying a block again is harmless: a sibling still holds its source)."""
+        out = []
+        for seq, n in zip(self.seqs, self.num_new_tokens, strict=True):
+            mine = set(seq.block_ids)
+            out.append(ScheduledBatch([seq], [n], [c for c in self.block_copies
+                                                   if c[1] in mine]))
+        return out
+
+
+@dataclass(slots=True)
+class RemoteWait:
+    """A sequence in WAITING_FOR_REMOTE_KV: its blocks are reserved, its KV on its way."""
+
+    seq: Sequence
+    transfer: TransferHandle
+    deadline: float  # time.monotonic()
+
 
 class Scheduler:
     def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int) -> None:
@@ -38,6 +64,9 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.remote: dict[str, RemoteWait] = {}  # by request id
+        # (transfer, blocks): blocks kept from reuse until the transfer is finished
+        self.draining: list[tuple[TransferHandle, list[int]]] = []
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -53,6 +82,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
+        self.release_drained()
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         i = 0
@@ -73,7 +103,8 @@ class Scheduler:
             # seq itself was preempted: it is no longer in running[i]
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if seq.num_computed_tokens == 0 and not seq.block_ids:
+            if seq.num_computed_tokens == 0 and not seq.block_ids \
+                    and seq.params.prompt_logprobs is None:  # those need every prompt row
                 self._take_prefix_hits(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self._ensure_blocks(seq, n, batch):
@@ -91,13 +122,75 @@ class Scheduler:
             budget -= n
         return batch
 
-    def finish(self, seq: Sequence) -> None:
+    def finish(self, seq: Sequence, hold: TransferHandle | None = None) -> None:
+        """Take ``seq`` out of every queue and free its blocks -- once ``hold`` (a transfer
+        reading or writing them) is finished, if one is given."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        wait = self.remote.pop(seq.request_id, None)
+        if wait is not None and wait.seq is seq:
+            wait.transfer.cancel()
+            hold = wait.transfer
+        if hold is not None and not hold.finished() and seq.block_ids:
+            self.draining.append((hold, seq.block_ids))
+            seq.block_ids, seq.block_hashes = [], []
         self._release_blocks(seq)
         seq.status = SequenceStatus.FINISHED
+
+    # -- external KV -----------------------------------------------------------------
+
+    def reserve_remote(self, seq: Sequence) -> int:
+        """Give ``seq`` blocks for its whole prompt: its cached prefix from the pool, new
+        blocks for the rest. Returns how many leading blocks were cached (their KV need not
+        travel). Raises CapacityError, holding nothing, if the pool is short."""
+        self._take_prefix_hits(seq)
+        cached = len(seq.block_ids)
+        need = num_blocks_for(seq.num_tokens, self.block_size) - cached
+        if not self.pool.can_allocate(need):
+            free = self.pool.num_free
+            self._release_blocks(seq)
+            raise CapacityError(f"the prompt needs {need} more KV blocks; {free} free")
+        seq.block_ids.extend(self.pool.allocate(need))
+        self.pool.count_hit(seq.num_prompt_tokens, cached * self.block_size)
+        return cached
+
+    def wait_remote(self, seq: Sequence, transfer: TransferHandle, timeout_s: float) -> None:
+        """``seq`` holds its blocks (reserve_remote) until admit_remote or the deadline."""
+        seq.status = SequenceStatus.WAITING_FOR_REMOTE_KV
+        self.remote[seq.request_id] = RemoteWait(seq, transfer, time.monotonic() + timeout_s)
+
+    def admit_remote(self, request_id: str) -> Sequence | None:
+        """The KV arrived: the sequence's prompt is computed; it joins the running batch.
+        None if it is no longer waiting (aborted or expired meanwhile)."""
+        wait = self.remote.pop(request_id, None)
+        if wait is None:
+            return None
+        if not wait.transfer.finished():  # admitted early (a caller's shortcut): no late write
+            wait.transfer.cancel()
+        seq = wait.seq
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.admitted = True
+        self.register_full_blocks(seq)
+        self.add_running(seq)
+        return seq
+
+    def expired_remote(self, now: float) -> list[Sequence]:
+        """Sequences whose KV did not arrive by their deadline (the caller finishes them)."""
+        return [w.seq for w in self.remote.values() if w.deadline <= now]
+
+    def release_drained(self) -> None:
+        """Free the blocks of transfers that are finished now."""
+        if not self.draining:
+            return
+        still = []
+        for transfer, blocks in self.draining:
+            if transfer.finished():
+                self.pool.release(blocks)
+            else:
+                still.append((transfer, blocks))
+        self.draining = still
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """After a step: name every block that is now full and computed."""
@@ -105,7 +198,7 @@ class Scheduler:
         full = seq.num_computed_tokens // bs
         for b in range(len(seq.block_hashes), full):
             parent = seq.block_hashes[-1] if seq.block_hashes else None
-            h = hash_block(parent, seq.token_ids[b * bs:(b + 1) * bs])
+            h = hash_block(parent, seq.token_ids[b * bs:(b + 1) * bs], seq.hash_seed)
             seq.block_hashes.append(h)
             self.pool.register(seq.block_ids[b], h)
 
@@ -114,7 +207,7 @@ class Scheduler:
     def _take_prefix_hits(self, seq: Sequence) -> None:
         bs = self.block_size
         # Leave at least one token to compute: its logits give the next token.
-        hashes = prefix_hashes(seq.token_ids, bs, (seq.num_tokens - 1) // bs)
+        hashes = prefix_hashes(seq.token_ids, bs, (seq.num_tokens - 1) // bs, seq.hash_seed)
         hit = self.pool.lookup(hashes)
         seq.block_ids = hit
         seq.block_hashes = hashes[: len(hit)]

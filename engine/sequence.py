@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from engine.sampling_params import SamplingParams
 
@@ -14,7 +15,8 @@ from engine.sampling_params import SamplingParams
 class SequenceStatus(Enum):
     WAITING = "waiting"            # queued for (re)computation of its known tokens
     RUNNING = "running"            # has blocks, computing prefill chunks or decoding
-    AWAITING_KV = "awaiting_kv"    # blocks reserved; a prefill pod is filling them
+    # blocks reserved; their KV arrives from outside (scheduler.py holds the deadline)
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"
     FINISHED = "finished"
 
 
@@ -31,6 +33,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+    rank: int | None = None  # 1 = the most likely token (reported for prompt tokens)
 
 
 @dataclass(slots=True)
@@ -49,9 +52,18 @@ class Sequence:
     admitted: bool = False  # admitted once: a re-admission after preemption is not a new hit
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # chained, one per full block
+    # the chain's seed: prefix_hash.chain_seed(model id, cache_salt); empty: the default
+    hash_seed: bytes = b""
+    tier_stored: int = -1  # leading prompt chunks the KV tier has or was given (-1: unset)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     prefill_only: bool = False  # a prefill pod's request: stop after the first token(s)
+    # The grammar matcher of a constrained sequence, in the state after its output tokens;
+    # made lazily from them (engine.structured_output), so a fork or a decode pod that
+    # received the first tokens starts from the right state.
+    guide: Any = None
+    # Prompt logprobs by position (1..prompt length - 1), when params.prompt_logprobs is set
+    prompt_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:

@@ -75,8 +75,10 @@ def _message_text(message: dict, index: int) -> dict:
 
 
 def apply_chat_template(tokenizer: Any, messages: list[dict],
-                        add_generation_prompt: bool = True) -> list[int]:
-    """Render ``messages`` with the model's chat template and return the token ids."""
+                        add_generation_prompt: bool = True,
+                        tools: list[dict] | None = None) -> list[int]:
+    """Render ``messages`` (and ``tools``, for templates that show them) with the model's
+    chat template and return the token ids."""
     if not isinstance(messages, list) or not messages:
         raise InvalidRequestError("messages must be a non-empty list", "messages")
     plain = [_message_text(m, i) for i, m in enumerate(messages)]
@@ -84,8 +86,9 @@ def apply_chat_template(tokenizer: Any, messages: list[dict],
         raise InvalidRequestError("this model's tokenizer has no chat template; "
                                   "use /v1/completions", "messages")
     try:
+        extra = {"tools": tools} if tools else {}
         text = tokenizer.apply_chat_template(plain, add_generation_prompt=add_generation_prompt,
-                                             tokenize=False)
+                                             tokenize=False, **extra)
     except Exception as exc:  # a template may raise (jinja's raise_exception) on bad input
         raise InvalidRequestError(f"cannot apply the chat template: {exc}", "messages") from None
     # The template writes any BOS itself; adding special tokens again would double it.
@@ -108,7 +111,8 @@ class IncrementalDetokenizer:
 
     Decodes a small sliding window (vLLM's offset scheme): ``prefix`` is text already
     accounted for, the new text is what decoding the window adds beyond it. Text ending in
-    U+FFFD (an incomplete UTF-8 sequence split across tokens) is held until it completes.
+    U+FFFD (an incomplete UTF-8 sequence split across tokens) is held until it completes
+    (and dropped if the sequence ends first).
     Stop strings: the text is cut before the first stop string (or after it with
     ``include_stop_str_in_output``); a suffix that could still become a stop string is held
     back until decided. A token of ``stop_token_ids`` ends the text too, without its own
@@ -207,6 +211,9 @@ class IncrementalDetokenizer:
         if self._read_offset < len(self._ids):  # an incomplete character at the very end
             prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
             tail = self._decode(self._ids[self._prefix_offset:])[len(prefix):]
+            # the bytes of a character the sequence ended inside of are dropped, as vLLM
+            # does, rather than shown as U+FFFD
+            tail = tail.rstrip(_REPLACEMENT)
             self._prefix_offset = self._read_offset = len(self._ids)
         text = self._pending + tail
         self._pending = ""

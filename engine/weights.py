@@ -7,7 +7,7 @@ fuses q/k/v and gate/up into single matrices, so loading concatenates them here,
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -38,7 +38,7 @@ def iter_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for path in checkpoint_files(model_dir):
         try:
             with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118 -- safe_open is not iterable
                     yield name, f.get_tensor(name)
         except (OSError, ValueError, RuntimeError) as exc:  # safetensors raises these
             raise ModelLoadError(f"cannot read {path.name}: {exc}") from None
@@ -46,7 +46,7 @@ def iter_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def load_state(model_dir: Path, show_progress: bool = False) -> dict[str, torch.Tensor]:
     """All tensors of the checkpoint by HF name (still on CPU, checkpoint dtype)."""
-    tensors = iter_tensors(model_dir)
+    tensors: Iterable[tuple[str, torch.Tensor]] = iter_tensors(model_dir)
     if show_progress:
         from tqdm import tqdm
         tensors = tqdm(tensors, desc="loading weights", unit=" tensors", leave=False)

@@ -68,6 +68,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x[..., :inter]) * x[..., inter:]
 
 
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place: -inf wherever the row's bit is clear. bitmask [batch, >= ceil(vocab/32)]
+    int32, token t = bit t % 32 of word t // 32 (llguidance's and xgrammar's layout)."""
+    t = torch.arange(logits.shape[1], device=logits.device)
+    bits = (bitmask[:, t // 32] >> (t % 32)) & 1
+    logits.masked_fill_(bits == 0, float("-inf"))
+
+
 def write_kv_cache(
     key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:

@@ -3,7 +3,8 @@
 One program per token rotates all of that token's q and k heads, so the cos/sin row of its
 position is read once. ``rotary_embedding_and_write_kv`` also scatters the rotated K and
 the V into the paged cache in the same program (twin of rotary_embedding followed by
-write_kv_cache): at batch 1 every launch saved is ~1.5 us per layer of a decode step. The cache row holds cos in its first D/2 columns and sin in its last
+write_kv_cache): at batch 1 every launch saved is ~1.5 us per layer of a decode step.
+The cache row holds cos in its first D/2 columns and sin in its last
 D/2; any frequency scaling (llama3) is already baked into it by whoever built the cache.
 """
 

@@ -4,6 +4,7 @@ preallocated buffers, socket options, and ``host:port`` addresses."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import threading
@@ -85,10 +86,8 @@ class LoopThread:
     def stop(self, timeout: float = 5.0) -> None:
         with self._inbox_lock:
             self._stopped = True
-        try:
+        with contextlib.suppress(RuntimeError):
             self.loop.call_soon_threadsafe(self.loop.stop)
-        except RuntimeError:
-            pass
         self._thread.join(timeout)
 
 

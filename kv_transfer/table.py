@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from engine.errors import KVTransferError, LayoutMismatchError
-from engine.kv_layout import KVLayout
+from engine.kv_layout import KVLayout, KVMemory
 from kv_transfer.connector import PendingTransfer, TransferStats, now
 from kv_transfer.wire import FrameHeader, Status, block_bytes, error_for_status, scatter_layer
 
@@ -32,13 +32,11 @@ Reply = Callable[[str, Status, str], None]
 @dataclass(slots=True)
 class _Active:
     pending: PendingTransfer
-    kv_caches: list[torch.Tensor]
     index: torch.Tensor  # block ids as a long tensor on the caches' device
     layout: KVLayout
     fingerprint: str  # layout.fingerprint, computed once (it hashes on every access)
     layer_bytes: int
     started: float
-    cpu_views: list[np.ndarray] | None  # block_bytes() of every layer when all are on the CPU
     index_np: np.ndarray
     received: bytearray
     count: int = 0
@@ -69,8 +67,13 @@ class _Early:
 
 
 class TransferTable:
-    def __init__(self, *, early_grace_s: float = 5.0, max_early_bytes: int = 256 << 20,
-                 remember: int = 65536) -> None:
+    def __init__(self, memory: KVMemory, *, early_grace_s: float = 5.0,
+                 max_early_bytes: int = 256 << 20, remember: int = 65536) -> None:
+        self.memory = memory
+        self.layout = memory.layout
+        self._fingerprint = memory.fingerprint
+        # Writable byte views of every layer, made once: the CPU scatter's fast path.
+        self._cpu_views = _cpu_views(list(memory.layers))
         self._lock = threading.Lock()
         self._active: dict[str, _Active] = {}
         self._early: dict[str, _Early] = {}
@@ -82,10 +85,11 @@ class TransferTable:
         self._remember = remember
         self._closed = False
 
-    def expect(self, transfer_id: str, kv_caches: list[torch.Tensor],
-               block_ids: Sequence[int], layout: KVLayout) -> PendingTransfer:
-        index = _check_caches(kv_caches, block_ids, layout)
-        pending = PendingTransfer(transfer_id, on_timeout=self.cancel)
+    def expect(self, transfer_id: str, block_ids: Sequence[int]) -> PendingTransfer:
+        ids = self.memory.check_block_ids(block_ids)
+        index = torch.tensor(ids, dtype=torch.long, device=self.memory.device)
+        layout = self.layout
+        pending = PendingTransfer(transfer_id, on_cancel=self.cancel)
         with self._lock:
             if self._closed:
                 raise KVTransferError("the KV receiver is closed")
@@ -95,12 +99,11 @@ class TransferTable:
             if over is not None:
                 if over.was_expected:
                     raise ValueError(f"transfer id {transfer_id!r} was already used")
-                pending._resolve(error=error_for_status(over.status, over.reason))
+                pending.outcome.resolve(error=error_for_status(over.status, over.reason))
                 return pending
-            t = _Active(pending=pending, kv_caches=kv_caches, index=index, layout=layout,
-                        fingerprint=layout.fingerprint,
-                        cpu_views=_cpu_views(kv_caches), index_np=index.cpu().numpy(),
-                        layer_bytes=layout.packed_layer_bytes(len(block_ids)), started=now(),
+            t = _Active(pending=pending, index=index, layout=layout,
+                        fingerprint=self._fingerprint, index_np=np.array(ids, dtype=np.int64),
+                        layer_bytes=layout.packed_layer_bytes(len(ids)), started=now(),
                         received=bytearray(layout.num_layers))
             self._active[transfer_id] = t
             early = self._early.pop(transfer_id, None)
@@ -169,7 +172,7 @@ class TransferTable:
                 self._early_bytes -= early.bytes
             t = self._active.pop(transfer_id, None)
             if t is not None:
-                t.pending._resolve(error=error)
+                t.pending.outcome.resolve(error=error)
             if t is not None or transfer_id not in self._finished:
                 self._over(transfer_id, status, str(error), told=True,
                            was_expected=t is not None)
@@ -183,7 +186,7 @@ class TransferTable:
                 _send(early.reply, transfer_id, Status.CANCELLED, reason)
             t = self._active.pop(transfer_id, None)
             if t is not None:
-                t.pending._resolve(error=KVTransferError(reason))
+                t.pending.outcome.resolve(error=KVTransferError(reason))
                 _send(t.reply, transfer_id, Status.CANCELLED, reason)
             told = (t is not None and t.reply is not None) or early is not None
             self._over(transfer_id, Status.CANCELLED, reason, told=told,
@@ -197,7 +200,7 @@ class TransferTable:
                     del self._active[tid]
                     reason = (f"transfer {tid!r}: the connection from the sender was lost "
                               f"after {t.count} of {t.layout.num_layers} layers")
-                    t.pending._resolve(error=KVTransferError(reason))
+                    t.pending.outcome.resolve(error=KVTransferError(reason))
                     self._over(tid, Status.CLOSED, reason, told=True, was_expected=True)
             for tid, early in list(self._early.items()):
                 if early.source is source:
@@ -217,7 +220,7 @@ class TransferTable:
         with self._lock:
             self._closed = True
             for tid, t in self._active.items():
-                t.pending._resolve(error=KVTransferError(f"transfer {tid!r}: {reason}"))
+                t.pending.outcome.resolve(error=KVTransferError(f"transfer {tid!r}: {reason}"))
                 _send(t.reply, tid, Status.CLOSED, reason)
             for tid, early in self._early.items():
                 _send(early.reply, tid, Status.CLOSED, reason)
@@ -247,21 +250,21 @@ class TransferTable:
             problem = f"layer {header.layer} arrived twice"
         if problem is None and payload is not None:
             try:
-                if t.cpu_views is not None and payload.device.type == "cpu":
-                    # Per frame, skip scatter_layer's checks and views: done once in expect().
+                if self._cpu_views is not None and payload.device.type == "cpu":
+                    # Per frame, skip scatter_layer's checks and views: done once up front.
                     src = payload.numpy().reshape(2, t.index_np.size, -1)
-                    t.cpu_views[header.layer][:, t.index_np] = src
+                    self._cpu_views[header.layer][:, t.index_np] = src
                 else:
                     packed = payload.view(layout.torch_dtype).view(
                         layout.layer_shape(t.index.numel()))
-                    scatter_layer(t.kv_caches[header.layer], t.index, packed)
+                    scatter_layer(self.memory.layers[header.layer], t.index, packed)
             except (RuntimeError, ValueError) as exc:
                 problem = f"scatter failed: {exc}"
         if problem is not None:
             message = f"transfer {tid!r} rejected: {problem}"
             err_type = LayoutMismatchError if status == Status.LAYOUT_MISMATCH else KVTransferError
             del self._active[tid]
-            t.pending._resolve(error=err_type(message))
+            t.pending.outcome.resolve(error=err_type(message))
             self._over(tid, status, message, told=True, was_expected=True)
             _send(reply, tid, status, message)
             return
@@ -269,12 +272,12 @@ class TransferTable:
         t.count += 1
         t.bytes += t.layer_bytes
         if t.count == layout.num_layers:
-            device = t.kv_caches[0].device
+            device = self.memory.device
             if device.type == "cuda":
                 # The scatter ran on this thread's stream; the engine reads on its own.
                 torch.cuda.synchronize(device)
             del self._active[tid]
-            t.pending._resolve(stats=TransferStats(bytes=t.bytes, seconds=now() - t.started))
+            t.pending.outcome.resolve(stats=TransferStats(bytes=t.bytes, seconds=now() - t.started))
             self._over(tid, Status.OK, "completed", told=True, was_expected=True)
             _send(reply, tid, Status.OK, "")
 
@@ -306,22 +309,3 @@ def _send(reply: Reply | None, tid: str, status: Status, message: str) -> None:
 def _cpu_views(kv_caches: list[torch.Tensor]) -> list[np.ndarray] | None:
     views = [block_bytes(kv) for kv in kv_caches]
     return None if any(v is None for v in views) else views  # type: ignore[return-value]
-
-
-def _check_caches(kv_caches: list[torch.Tensor], block_ids: Sequence[int],
-                  layout: KVLayout) -> torch.Tensor:
-    if len(kv_caches) != layout.num_layers:
-        raise ValueError(f"{len(kv_caches)} cache tensors for {layout.num_layers} layers")
-    first = kv_caches[0]
-    for kv in kv_caches:
-        if (kv.ndim != 5 or kv.shape[0] != 2 or kv.shape[1] != first.shape[1]
-                or tuple(kv.shape[2:]) != layout.layer_shape(0)[2:]):
-            raise ValueError(f"cache of shape {tuple(kv.shape)} does not fit layout {layout}")
-        if kv.dtype != layout.torch_dtype or kv.device != first.device:
-            raise ValueError("cache tensors must share the layout's dtype and one device")
-    ids = [int(b) for b in block_ids]
-    if not ids:
-        raise ValueError("expect() needs at least one block id")
-    if len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) >= first.shape[1]:
-        raise ValueError(f"block ids must be distinct and within 0..{first.shape[1] - 1}")
-    return torch.tensor(ids, dtype=torch.long, device=first.device)

@@ -16,12 +16,13 @@ from engine.errors import PdserveError
 # sub-command -> (module, help). Imported lazily so `pdserve make-model` does not load the
 # gRPC or HTTP stacks.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "make-model": ("engine.make_model", "write a small HF-format model directory offline"),
-    "generate": ("engine.generate_cli", "stream a completion of one prompt to the terminal"),
-    "prefill": ("prefill_service.main", "run one prefill pod (gRPC)"),
-    "decode": ("decode_service.main", "run one decode pod (gRPC)"),
-    "router": ("router.main", "run the OpenAI-compatible HTTP router"),
+    "make-model": ("pdserve.make_model", "write a small HF-format model directory offline"),
+    "generate": ("pdserve.generate", "stream a completion of one prompt to the terminal"),
+    "prefill": ("pdserve.prefill_pod", "run one prefill pod (gRPC)"),
+    "decode": ("pdserve.decode_pod", "run one decode pod (gRPC)"),
+    "router": ("pdserve.router_pod", "run the OpenAI-compatible HTTP router"),
     "up": ("pdserve.up", "start a router and prefill/decode pods on this machine"),
+    "bench": ("pdserve.bench.cli", "benchmark a running OpenAI-compatible server"),
 }
 
 

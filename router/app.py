@@ -9,11 +9,14 @@ to the decode pod (``router.serving``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import hmac
-import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request, Response
@@ -22,13 +25,29 @@ from pydantic import BaseModel, ValidationError
 
 from engine.errors import PdserveError
 from engine.tokenizer import TokenBytes
-from router.errors import APIError, from_validation, install_handlers, invalid
+from engine.tracing import Tracing, start_tracing
+from protos.security import LinkSecurity
+from router.body import parse_json_object, read_body
+from router.discovery import Discovery, DnsResolver, parse_endpoint
+from router.errors import APIError, from_validation, install_handlers
+from router.limits import RequestLimits
 from router.metrics import RouterMetrics
-from router.pools import Pools
-from router.preprocess import (ModelInfo, check_model, prepare_chat, prepare_completion)
-from router.protocol import ChatCompletionRequest, CompletionRequest
+from router.openapi import install_openapi
+from router.policy import RoutingPolicy, make_policy
+from router.pools import Pools, Role, connect
+from router.preprocess import ModelInfo, check_model, prepare_chat, prepare_completion
+from router.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from router.responses import collect, sse_stream
 from router.serving import Generation
+from router.structured import GrammarCheck
+from router.tokenize_pool import OffloadingTokenizer
+from router.tools import ToolConfig
+from router.utility import detokenize, model_card, tokenize, version
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -36,10 +55,26 @@ M = TypeVar("M", bound=BaseModel)
 
 @dataclass(slots=True)
 class RouterConfig:
-    decode: list[str]  # host:port of each decode pod
-    prefill: list[str]  # host:port of each prefill pod (may be empty: decode prefills)
+    # Endpoints (router.discovery): host:port of one pod, or dns:NAME:PORT for every address
+    # of a (headless Service's) DNS name, re-resolved while the router runs.
+    decode: list[str]
+    prefill: list[str]  # may be empty: decode pods prefill themselves
     api_key: str | None = None
     poll_interval: float = 0.5
+    dns_server: tuple[str, int] | None = None  # None: the system's resolver configuration
+    discovery_interval: float = 2.0
+    tools: ToolConfig = field(default_factory=ToolConfig)
+    otlp_endpoint: str | None = None  # HOST:PORT of an OTLP/gRPC collector (engine.tracing)
+    routing: str = "prefix"  # router.policy.ROUTINGS
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    # Threads that tokenize, template and detokenize requests off the event loop. Few:
+    # tokenizers releases the GIL while it encodes, but turning a long encoding into Python
+    # objects holds it, and more threads than cores only add GIL convoys (docs/RELIABILITY.md).
+    prepare_threads: int = 2
+    # Processes that encode texts over 64 KiB (router.tokenize_pool); 0: in the threads.
+    tokenize_processes: int = 2
+    # TLS and the service token on the links to the pods (protos.security)
+    security: LinkSecurity = field(default_factory=LinkSecurity)
 
 
 @dataclass(slots=True)
@@ -48,16 +83,43 @@ class RouterState:
     config: RouterConfig
     metrics: RouterMetrics
     token_bytes: TokenBytes
+    grammar: GrammarCheck
+    prepare_pool: ThreadPoolExecutor
+    created: int = field(default_factory=lambda: int(time.time()))
     pools: Pools | None = None  # opened in the app's lifespan (grpc.aio needs the loop)
+    policy: RoutingPolicy | None = None
+    discovery: Discovery | None = None
+    tracing: Tracing | None = None
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` (tokenizing, templating, detokenizing) on the prepare threads,
+        so that a megabyte prompt does not stall every other client's request."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.prepare_pool, functools.partial(fn, *args))
 
     def require_pools(self) -> Pools:
         if self.pools is None:
             raise APIError(503, "the router is starting", "server_overloaded")
         return self.pools
 
+    def current_info(self) -> ModelInfo:
+        """serving_info() once the pools are up, config.json's before."""
+        return self.serving_info() if self.pools is not None else self.info
+
+    def serving_info(self) -> ModelInfo:
+        """The model as the pods serve it now: their reported context limit, not
+        config.json's (a pod started with a smaller --max-model-len, or short of KV)."""
+        pools = self.require_pools()
+        return dataclasses.replace(
+            self.info, max_model_len=pools.context_limit(self.info.max_model_len))
+
 
 class _APIKeyMiddleware:
-    """401 for /v1/* without ``Authorization: Bearer <key>``.
+    """401 for /v1/* and /pools without ``Authorization: Bearer <key>``.
+
+    /health, /ready, /metrics (and /openapi.json, /version) stay open, as vLLM's do:
+    probes and Prometheus scrape them without a key, and they tell nothing about requests.
+    /pools shows every pod's address and load, so it needs the key.
 
     Plain ASGI rather than ``@app.middleware``: Starlette's BaseHTTPMiddleware would put
     every SSE chunk through an extra task and memory stream.
@@ -68,7 +130,8 @@ class _APIKeyMiddleware:
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if path.startswith("/v1") or path == "/pools":
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 response = APIError(401, "Incorrect API key provided.",
@@ -101,18 +164,9 @@ async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-async def _parse(request: Request, model: type[M]) -> M:
-    body = await request.body()
-
-    def no_constants(name: str) -> Any:
-        raise ValueError(f"{name} is not valid JSON")
-
-    try:
-        data = json.loads(body, parse_constant=no_constants)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise invalid(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise invalid("the request body must be a JSON object", code="invalid_json")
+async def _parse(request: Request, model: type[M], limits: RequestLimits) -> M:
+    data = parse_json_object(await read_body(request, limits.max_body_bytes),
+                             limits.max_json_depth)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -127,50 +181,88 @@ async def _prepend(first: str | None, rest: AsyncIterator[str]) -> AsyncIterator
 
 
 def build_app(info: ModelInfo, config: RouterConfig) -> FastAPI:
-    state = RouterState(info, config, RouterMetrics(info.name), TokenBytes(info.tokenizer))
+    # Requests are prepared with a tokenizer that sends long texts to worker processes.
+    offloading = OffloadingTokenizer(info.tokenizer, info.root, config.tokenize_processes)
+    prep_info = dataclasses.replace(info, tokenizer=offloading)
+    state = RouterState(prep_info, config, RouterMetrics(info.name), TokenBytes(info.tokenizer),
+                        GrammarCheck(info.tokenizer, info.vocab_size),
+                        ThreadPoolExecutor(config.prepare_threads, "pdserve-prepare"))
+    limits = config.limits
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        pools = Pools.connect(config.decode, config.prefill, config.poll_interval)
+        pools = Pools(poll_interval=config.poll_interval,
+                      connector=functools.partial(connect, security=config.security))
         pools.on_poll.append(state.metrics.update_pods)
+        pools.on_leave.append(state.metrics.forget_pod)
+        discovery = Discovery(pools, {Role.DECODE: [parse_endpoint(e) for e in config.decode],
+                                      Role.PREFILL: [parse_endpoint(e) for e in config.prefill]},
+                              DnsResolver(config.dns_server), config.discovery_interval)
+        state.tracing = start_tracing("pdserve-router", config.otlp_endpoint)
+        await discovery.start()
         await pools.start()
-        state.pools = pools
+        policy = make_policy(config.routing, pools, info.model_id)
+        state.pools, state.policy, state.discovery = pools, policy, discovery
         try:
             yield
         finally:
-            state.pools = None
+            state.pools = state.policy = state.discovery = None
+            await discovery.close()
             await pools.close()
+            state.grammar.close()
+            if state.tracing is not None:
+                state.tracing.shutdown()
+            state.prepare_pool.shutdown(wait=False, cancel_futures=True)
+            offloading.close()
 
-    app = FastAPI(title="pdserve router", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(title="pdserve router", version=version()["version"], lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.router = state
     install_handlers(app)
+    install_openapi(app, bool(config.api_key))
 
     if config.api_key:
         app.add_middleware(_APIKeyMiddleware, api_key=config.api_key)
 
-    def model_card() -> dict:
-        return {"id": info.name, "object": "model", "created": 0, "owned_by": "pdserve",
-                "root": info.name, "max_model_len": info.max_model_len}
-
     @app.get("/v1/models")
     async def list_models() -> dict:
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(state.current_info(), state.created)]}
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str) -> dict:
         check_model(model, info)
-        return model_card()
+        return model_card(state.current_info(), state.created)
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request) -> dict:
+        return await state.off_loop(tokenize, await _parse(request, TokenizeRequest, limits),
+                                    prep_info)
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request) -> dict:
+        return await state.off_loop(detokenize,
+                                    await _parse(request, DetokenizeRequest, limits),
+                                    prep_info)
+
+    @app.get("/version")
+    async def version_route() -> dict:
+        return version()
 
     async def generate(request: Request, model: type[M],
                        prepare: Callable[[M, ModelInfo], Any]) -> Response:
+        arrival = time.monotonic()
         try:
-            job = prepare(await _parse(request, model), info)
+            parsed = await _parse(request, model, limits)
+            job = await state.off_loop(prepare, parsed, state.serving_info())
+            # an invalid schema, regex or grammar is a 400 before any pod sees it
+            await state.grammar.check(job.params[0].structured_outputs)
         except (APIError, PdserveError) as exc:
-            state.metrics.request_failed(getattr(exc, "status", None)
-                                         or getattr(exc, "http_status", 500))
+            state.metrics.request_failed(exc.status if isinstance(exc, APIError)
+                                         else exc.http_status)
             raise
-        gen = Generation(job, state.require_pools(), info.tokenizer, state.metrics)
+        assert state.policy is not None
+        gen = Generation(job, state.require_pools(), state.policy, info.tokenizer,
+                         state.metrics, arrival=arrival, tracing=state.tracing)
         try:
             if not job.stream:
                 return JSONResponse(await _until_disconnect(request, collect(gen,
@@ -189,11 +281,13 @@ def build_app(info: ModelInfo, config: RouterConfig) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await generate(request, CompletionRequest, prepare_completion)
+        return await generate(request, CompletionRequest,
+                              lambda req, info: prepare_completion(req, info, limits))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await generate(request, ChatCompletionRequest, prepare_chat)
+        return await generate(request, ChatCompletionRequest,
+                              lambda req, info: prepare_chat(req, info, config.tools, limits))
 
     @app.get("/health")
     async def health() -> dict:
@@ -218,6 +312,9 @@ def build_app(info: ModelInfo, config: RouterConfig) -> FastAPI:
     async def pools_view() -> dict:
         pools = state.require_pools()
         await pools.poll()  # fresh numbers, not up to one poll interval old
-        return pools.describe()
+        view = pools.describe()
+        if state.discovery is not None:
+            view["discovery"] = state.discovery.describe()
+        return view
 
     return app

@@ -103,8 +103,9 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        # A bug, not the client's fault: still answer in OpenAI's shape (Starlette logs it).
-        return APIError(500, f"internal error: {type(exc).__name__}: {exc}",
+        # A bug, not the client's fault: still answer in OpenAI's shape (Starlette logs the
+        # traceback). The body names no exception: its text could echo internals or input.
+        return APIError(500, "internal error (the router's log has the details)",
                         "internal_error").response()
 
     @app.exception_handler(StarletteHTTPException)

@@ -1,4 +1,5 @@
-"""The router's Prometheus metrics, named after vLLM's (``pdserve:`` instead of ``vllm:``).
+"""The router's Prometheus metrics: vLLM's names (``vllm:``) where vLLM has the metric, so
+dashboards and autoscalers written for vLLM read pdserve; ``pdserve:`` for the rest.
 
 One registry per app (not the process-global default), so two routers in one process (tests)
 never collide. Latencies are measured where the router sees them: time to first token from
@@ -8,8 +9,16 @@ streamed steps of a sequence batch, end-to-end latency to the last token.
 
 from __future__ import annotations
 
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
-                               Histogram, generate_latest)
+import contextlib
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 from router.pools import Pod
 
@@ -26,33 +35,36 @@ class RouterMetrics:
         self.model_name = model_name
         labels = ["model_name"]
         reg = self.registry
-        self._ttft = Histogram("pdserve:time_to_first_token_seconds",
+        self._ttft = Histogram("vllm:time_to_first_token_seconds",
                                "Time from request arrival to its first generated token.",
                                labels, buckets=_LATENCY_BUCKETS, registry=reg)
-        self._itl = Histogram("pdserve:inter_token_latency_seconds",
+        self._itl = Histogram("vllm:inter_token_latency_seconds",
                               "Time between successive streamed steps of a request.",
                               labels, buckets=_ITL_BUCKETS, registry=reg)
-        self._e2e = Histogram("pdserve:e2e_request_latency_seconds",
+        self._e2e = Histogram("vllm:e2e_request_latency_seconds",
                               "Time from request arrival to its last token.",
                               labels, buckets=_LATENCY_BUCKETS, registry=reg)
-        self._prompt_hist = Histogram("pdserve:request_prompt_tokens",
+        self._prompt_hist = Histogram("vllm:request_prompt_tokens",
                                       "Prompt tokens per request.", labels,
                                       buckets=_TOKEN_BUCKETS, registry=reg)
-        self._gen_hist = Histogram("pdserve:request_generation_tokens",
+        self._gen_hist = Histogram("vllm:request_generation_tokens",
                                    "Generated tokens per request (all choices).", labels,
                                    buckets=_TOKEN_BUCKETS, registry=reg)
-        self._prompt_total = Counter("pdserve:prompt_tokens", "Prompt tokens processed.",
+        self._prompt_total = Counter("vllm:prompt_tokens", "Prompt tokens processed.",
                                      labels, registry=reg)
-        self._gen_total = Counter("pdserve:generation_tokens", "Tokens generated.", labels,
+        self._gen_total = Counter("vllm:generation_tokens", "Tokens generated.", labels,
                                   registry=reg)
-        self._running = Gauge("pdserve:num_requests_running",
+        self._running = Gauge("vllm:num_requests_running",
                               "Requests the router is generating now.", labels, registry=reg)
-        self._success = Counter("pdserve:request_success",
+        self._success = Counter("vllm:request_success",
                                 "Finished choices (sequences), by finish reason.",
-                                labels + ["finished_reason"], registry=reg)
+                                [*labels, "finished_reason"], registry=reg)
         self._errors = Counter("pdserve:request_errors",
                                "Requests answered with an error, by HTTP status.",
-                               labels + ["status"], registry=reg)
+                               [*labels, "status"], registry=reg)
+        self._phases = Histogram("pdserve:request_phase_seconds",
+                                 "Seconds of each phase of a request, as the router saw it",
+                                 ["role", "phase"], buckets=_LATENCY_BUCKETS, registry=reg)
         self._pod_healthy = Gauge("pdserve:pod_healthy", "1 if the pod's last poll succeeded.",
                                   ["pool", "address"], registry=reg)
         self._pod_running = Gauge("pdserve:pod_num_requests_running",
@@ -86,6 +98,9 @@ class RouterMetrics:
     def inter_token(self, seconds: float) -> None:
         self._itl.labels(self.model_name).observe(seconds)
 
+    def phase(self, name: str, seconds: float) -> None:
+        self._phases.labels("router", name).observe(max(seconds, 0.0))
+
     def update_pods(self, pods: list[Pod]) -> None:
         for pod in pods:
             key = (pod.role.value, pod.address)
@@ -93,6 +108,13 @@ class RouterMetrics:
             if pod.report is not None:
                 self._pod_running.labels(*key).set(pod.report.running)
                 self._pod_free.labels(*key).set(pod.report.free_blocks)
+
+    def forget_pod(self, pod: Pod) -> None:
+        """A pod left its pool: its series go too."""
+        key = (pod.role.value, pod.address)
+        for gauge in (self._pod_healthy, self._pod_running, self._pod_free):
+            with contextlib.suppress(KeyError):
+                gauge.remove(*key)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -49,6 +49,18 @@ class _SamplingFields(BaseModel):
     return_token_ids: bool = False
     user: str | None = None
     logit_bias: dict[str, float] | None = None
+    # Structured output (router.structured): OpenAI's response_format, vLLM's
+    # structured_outputs and its older guided_* fields.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    # vLLM's extension: logprobs of the prompt tokens (k alternatives each).
+    prompt_logprobs: int | None = None
+    # vLLM's extension: isolates a tenant's prefix caches (seeds the prefix chain hash).
+    cache_salt: str | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -80,5 +92,29 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's): a prompt, or chat messages rendered by the template."""
+
+    model_config = _STRICT
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
+    return_token_strs: bool = False
+    tools: list[dict[str, Any]] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize (vLLM's)."""
+
+    model_config = _STRICT
+
+    model: str | None = None
+    tokens: list[int]

@@ -19,20 +19,31 @@ The events (``PromptStart``, ``ChoiceDelta``) are formatted into OpenAI response
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
 from engine.tokenizer import IncrementalDetokenizer
+from engine.tracing import NO_SPAN, NullSpan, Phases, Tracing, span_or_none
 from protos import pdserve_pb2 as pb
+from protos import pdserve_pb2_grpc as pb_grpc
 from protos.convert import sampling_to_proto
 from router.errors import APIError
 from router.metrics import RouterMetrics
+from router.policy import RouteRequest, RoutingPolicy, no_decode_pod
 from router.pools import Lease, Pools
 from router.preprocess import Job
+
+# One line per request (``--access-log``): counts, outcome and every phase's milliseconds.
+access_log = logging.getLogger("pdserve.access")
+# the order phases are printed in: the router's, then the decode and prefill pods'
+PHASE_ORDER = ("router_queue", "decode_admission", "prefill_queue", "prefill_compute",
+               "kv_transfer_exposed", "remote_prefill", "kv_transfer_wait", "local_prefill",
+               "first_token", "time_to_first_token", "decode", "e2e")
 
 
 @dataclass(slots=True)
@@ -42,6 +53,8 @@ class PromptStart:
     prompt_index: int
     prompt_tokens: int
     cached_tokens: int
+    # prompt logprobs (positions 1..) when the job asked for them
+    prompt_logprobs: list[pb.Logprobs] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -92,14 +105,23 @@ class Generation:
 
     job: Job
     pools: Pools
+    policy: RoutingPolicy
     tokenizer: Any
     metrics: RouterMetrics
     usage: Usage = field(default_factory=Usage)
     finish_reasons: list[str] = field(default_factory=list)
-    _arrival: float = field(default_factory=time.monotonic)
+    # when the HTTP request arrived (before parsing and tokenizing): TTFT, E2E and the
+    # router_queue phase start here, as vLLM's do
+    arrival: float = field(default_factory=time.monotonic)
     _first_token_at: float | None = None
+    _sent_at: float | None = None  # the first Generate call went out
+    # seconds per phase: the pods' (from the first response), then the router's
+    phases: dict[str, float] = field(default_factory=dict)
+    tracing: Tracing | None = None
+    _span: NullSpan = NO_SPAN
 
-    async def events(self) -> AsyncIterator[Event]:
+    async def events(self) -> AsyncGenerator[Event, None]:
+        self._span = span_or_none(self.tracing, "router", self.arrival)
         self.usage.prompt_tokens = sum(len(p) for p in self.job.prompts)
         self.metrics.request_started()
         ended: float | None = None
@@ -119,10 +141,40 @@ class Generation:
         finally:
             if ended is None and not failed:  # the client went away (or stopped reading)
                 self.finish_reasons.append("abort")
-            e2e = ended - self._arrival if ended is not None else None
+            e2e = ended - self.arrival if ended is not None else None
             self.metrics.request_finished(self.usage.prompt_tokens,
                                           self.usage.completion_tokens, e2e,
                                           self.finish_reasons)
+            self._record_phases(ended, "error" if failed else "ok" if ended else "abort")
+
+    def _record_phases(self, ended: float | None, outcome: str) -> None:
+        """The router's phases into its histogram; every phase into the access log."""
+        timeline = Phases()
+        if self._sent_at is not None:
+            timeline.add("router_queue", self.arrival, self._sent_at)
+        if self._first_token_at is not None:
+            timeline.add("time_to_first_token", self.arrival, self._first_token_at)
+            if ended is not None:
+                timeline.add("decode", self._first_token_at, ended)
+        if ended is not None:
+            timeline.add("e2e", self.arrival, ended)
+        mine = timeline.seconds()
+        for name, seconds in mine.items():
+            self.metrics.phase(name, seconds)
+        timeline.to_span(self._span)
+        self._span.end(ended or time.monotonic(), request_id=self.job.request_id,
+                       outcome=outcome, prompt_tokens=self.usage.prompt_tokens,
+                       completion_tokens=self.usage.completion_tokens)
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        phases = {**self.phases, **mine}
+        shown = [p for p in PHASE_ORDER if p in phases] + sorted(set(phases) - set(PHASE_ORDER))
+        access_log.info(
+            "%s %s prompt_tokens=%d completion_tokens=%d cached_tokens=%d finish=%s %s",
+            self.job.request_id, outcome, self.usage.prompt_tokens,
+            self.usage.completion_tokens, self.usage.cached_tokens,
+            ",".join(self.finish_reasons) or "-",
+            " ".join(f"{p}_ms={phases[p] * 1e3:.2f}" for p in shown))
 
     async def _merged(self) -> AsyncIterator[Event]:
         """Run every prompt's stream concurrently; yield their events as they come."""
@@ -132,7 +184,7 @@ class Generation:
             try:
                 async for event in self._prompt_events(index):
                     await queue.put(event)
-            except Exception as exc:  # noqa: BLE001 - re-raised by the consumer below
+            except Exception as exc:
                 await queue.put(_Failed(exc))
             finally:
                 await queue.put(_PROMPT_DONE)
@@ -163,15 +215,18 @@ class Generation:
         tried: set[str] = set()
         last_error: APIError | None = None
         while True:
+            route = RouteRequest(ids, frozenset(tried), self.job.params[index].cache_salt)
             try:
-                pod = self.pools.pick_decode(frozenset(tried))
+                pod = self.policy.pick_decode(route)
             except APIError:
-                raise last_error or APIError(503, "no healthy decode pod is available",
-                                             "server_overloaded", code="no_decode_pod")
-            prefill = self.pools.pick_prefill()
+                raise last_error or no_decode_pod() from None
+            prefill = self.policy.pick_prefill(route)
             request.prefill_endpoint = prefill.address if prefill is not None else ""
             lease = self.pools.lease(pod, prefill, len(ids))
-            call = pod.stub.Generate(request)
+            assert isinstance(pod.stub, pb_grpc.DecodeStub)
+            if self._sent_at is None:
+                self._sent_at = time.monotonic()
+            call = pod.stub.Generate(request, metadata=self._span.metadata())
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as exc:
@@ -205,7 +260,9 @@ class Generation:
         call, lease, response = await self._open(index)
         try:
             self.usage.cached_tokens += response.cached_tokens
-            yield PromptStart(index, len(job.prompts[index]), response.cached_tokens)
+            self.phases.update(response.phase_seconds)
+            yield PromptStart(index, len(job.prompts[index]), response.cached_tokens,
+                              list(response.prompt_logprobs))
             last_step = time.monotonic()
             while True:
                 for out in response.outputs:
@@ -214,12 +271,13 @@ class Generation:
                         yield delta
                 if all(s.done for s in sequences) and not all(s.pod_finished for s in sequences):
                     return  # stop strings ended what the pod still generates: cancel it
-                response = await call.read()
-                if response is grpc.aio.EOF:
+                read = await call.read()
+                if read is grpc.aio.EOF:
                     if all(s.done for s in sequences):
                         return  # the pod finished every sequence and closed the stream
                     raise APIError(502, f"decode pod {lease.decode.address} ended the stream "
                                    "before every sequence finished", "upstream_error")
+                response = cast(pb.GenerateResponse, read)
                 now = time.monotonic()
                 self.metrics.inter_token(now - last_step)
                 last_step = now
@@ -252,7 +310,7 @@ class Generation:
             finish = "stop" if seq.detok.stopped else out.finish_reason
         if kept and self._first_token_at is None:
             self._first_token_at = time.monotonic()
-            self.metrics.first_token(self._first_token_at - self._arrival)
+            self.metrics.first_token(self._first_token_at - self.arrival)
         self.usage.completion_tokens += kept
         if finish is not None:
             seq.done = True

@@ -1,4 +1,4 @@
-"""Session-wide fixtures: small models made offline by ``engine.make_model``, once each.
+"""Session-wide fixtures: small models made offline by ``pdserve.make_model``, once each.
 
 ``model_factory(arch="llama", **kwargs)`` makes (and caches for the session) a model with
 make_model's arguments; ``tiny_model`` is its default (llama); ``default_model_dir`` is the
@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -34,7 +35,7 @@ collect_ignore = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["kernels"
 
 @pytest.fixture(scope="session")
 def model_factory(tmp_path_factory: pytest.TempPathFactory) -> ModelFactory:
-    from engine.make_model import make_model
+    from pdserve.make_model import make_model
 
     root = tmp_path_factory.mktemp("models")
     made: dict[str, Path] = {}

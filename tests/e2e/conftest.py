@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from e2e_helpers import POD_ARGS, Stack, start_stack
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,18 +24,18 @@ from typing import Any
 
 import httpx
 import openai
+from hf_reference import hf_greedy
+from ports import free_port
+
+from engine.tokenizer import apply_chat_template
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 READY = re.compile(r"pdserve up: .*OpenAI API at (http://\S+)/v1")
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 30.0
-POD_ARGS = "--num-kv-blocks 512"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# fp32: the tests compare greedy tokens with transformers run in fp32 (pods default to auto,
+# bf16 on CPUs that have it)
+POD_ARGS = "--num-kv-blocks 512 --dtype float32"
 
 
 @dataclass(slots=True)
@@ -59,7 +58,8 @@ class Stack:
                                   max_retries=0, timeout=120)
 
     def pools(self) -> dict:
-        reply = httpx.get(self.url + "/pools", timeout=10)
+        reply = httpx.get(self.url + "/pools", timeout=10,  # needs the key when one is set
+                          headers={"Authorization": f"Bearer {self.api_key}"})
         reply.raise_for_status()
         return reply.json()
 
@@ -77,6 +77,17 @@ class Stack:
             if now == expected or time.monotonic() > deadline:
                 return now
             time.sleep(0.05)
+
+    def pod_metric(self, pod: dict, name: str, labels: str = "") -> float:
+        """One sample of a pod's Prometheus metrics (its /metrics, found via /pools); 0.0
+        if the series does not exist yet."""
+        host = pod["address"].rsplit(":", 1)[0]
+        text = httpx.get(f"http://{host}:{pod['metrics_port']}/metrics", timeout=10).text
+        for line in text.splitlines():
+            key, _, value = line.rpartition(" ")
+            if key == name + (f"{{{labels}}}" if labels else ""):
+                return float(value)
+        return 0.0
 
     def log_tail(self, chars: int = 4000) -> str:
         try:
@@ -126,9 +137,10 @@ def _stop(proc: subprocess.Popen) -> list[str]:
 
 
 @contextmanager
-def start_stack(model_dir: Path, log_dir: Path, *args: str, api_key: str | None = None
-                ) -> Iterator[Stack]:
-    """Run ``pdserve up --model model_dir --port FREE *args``; yield it; stop it, leak-free."""
+def start_stack(model_dir: Path, log_dir: Path, *args: str, api_key: str | None = None,
+                env: dict[str, str] | None = None) -> Iterator[Stack]:
+    """Run ``pdserve up --model model_dir --port FREE *args`` (with ``env`` added to this
+    process's environment); yield it; stop it, leak-free."""
     port = free_port()
     log = log_dir / f"pdserve-up-{port}.log"
     cmd = [sys.executable, "-m", "pdserve.cli", "up", "--model", str(model_dir),
@@ -139,7 +151,7 @@ def start_stack(model_dir: Path, log_dir: Path, *args: str, api_key: str | None 
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
                                 start_new_session=True,
                                 env={**os.environ, "TOKENIZERS_PARALLELISM": "false",
-                                     "PYTHONUNBUFFERED": "1"})
+                                     "PYTHONUNBUFFERED": "1", **(env or {})})
     stack = Stack("", "", Path(model_dir), proc, log, api_key or "x")
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -165,6 +177,22 @@ def start_stack(model_dir: Path, log_dir: Path, *args: str, api_key: str | None 
 def extra(obj: Any, name: str) -> Any:
     """A field the openai client does not model (vLLM's token_ids, prompt_token_ids)."""
     return (getattr(obj, "model_extra", None) or {}).get(name)
+
+
+async def stream_greedy_ids(stack: Stack, client: Any, prompt: list[int], max_tokens: int
+                            ) -> tuple[list[int], str | None]:
+    """Stream one greedy completion of exactly ``max_tokens`` (ignore_eos); its token ids
+    (from ``return_token_ids``) and its finish reason."""
+    ids: list[int] = []
+    finish = None
+    stream = await client.completions.create(
+        model=stack.model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+        extra_body={"ignore_eos": True, "return_token_ids": True})
+    async for chunk in stream:
+        for choice in chunk.choices:
+            ids += extra(choice, "token_ids") or []
+            finish = choice.finish_reason or finish
+    return ids, finish
 
 
 @dataclass(slots=True)
@@ -200,3 +228,59 @@ def collect_stream(stream: Any, chat: bool) -> tuple[list[Choice], list[Any]]:
                 assert got.finish_reason is None, "two finish reasons for one choice"
                 got.finish_reason = c.finish_reason
     return [choices[i] for i in sorted(choices)], chunks
+
+
+# -- the KV seam's multi-turn check, shared by every connector's suite -----------------
+
+def decode_pod(stack: Stack) -> dict:
+    (pod,) = stack.decode_pods()
+    return pod
+
+
+def transfer_counters(stack: Stack, pod: dict) -> tuple[float, float, float]:
+    """(bytes, blocks, prefix-cache hit tokens) the decode pod has counted so far."""
+    return (stack.pod_metric(pod, "pdserve:kv_transfer_bytes_total", 'role="decode"'),
+            stack.pod_metric(pod, "pdserve:kv_transfer_blocks_total", 'role="decode"'),
+            stack.pod_metric(pod, "vllm:prefix_cache_hits_total"))
+
+
+def chat_ids(stack: Stack, tokenizer: Any, messages: list[dict]) -> tuple[list[int], str]:
+    reply = stack.client().chat.completions.create(
+        model=stack.model, messages=messages, max_tokens=8, temperature=0,  # type: ignore
+        extra_body={"ignore_eos": True, "return_token_ids": True})
+    choice = reply.choices[0]
+    prompt = apply_chat_template(tokenizer, messages)
+    want = hf_greedy(stack.model_dir, [prompt], 8)[0]
+    assert extra(choice, "token_ids") == want  # exact through every path
+    assert reply.usage is not None and reply.usage.prompt_tokens == len(prompt)
+    return prompt, choice.message.content or ""
+
+
+def check_second_turn_moves_only_missing_blocks(stack: Stack, tokenizer: Any) -> None:
+    """A chat's second turn repeats the first (600+ tokens) and adds ~50: the decode pod
+    keeps what it caches and only the missing blocks travel, exactly (its metrics)."""
+    pod = decode_pod(stack)
+    block_bytes = pod["kv_block_bytes"]
+    history = ("Here is a long story about a lighthouse keeper named Ada. " * 40
+               + f"(turn marker {time.time_ns()})")
+    turn1 = [{"role": "user", "content": history}]
+    bytes0, blocks0, _hits0 = transfer_counters(stack, pod)
+    prompt1, answer = chat_ids(stack, tokenizer, turn1)
+    assert len(prompt1) >= 600
+    bytes1, blocks1, hits1 = transfer_counters(stack, pod)
+    whole1 = -(-len(prompt1) // 16)
+    assert blocks1 - blocks0 == whole1  # nothing cached yet: every block travelled
+    assert bytes1 - bytes0 == whole1 * block_bytes
+
+    turn2 = [*turn1, {"role": "assistant", "content": answer},
+             {"role": "user", "content": "Now tell it again in fifty words or so, "
+                                         "but this time from the lighthouse's view."}]
+    prompt2, _ = chat_ids(stack, tokenizer, turn2)
+    assert prompt2[:len(prompt1)] == prompt1 and len(prompt2) - len(prompt1) >= 40
+    bytes2, blocks2, hits2 = transfer_counters(stack, pod)
+    cached_blocks = (hits2 - hits1) / 16  # what the decode pod found in its own cache
+    assert cached_blocks >= len(prompt1) // 16  # at least turn 1's full blocks
+    sent = blocks2 - blocks1
+    assert sent == -(-len(prompt2) // 16) - cached_blocks  # only the missing blocks moved
+    assert sent <= -(-(len(prompt2) - len(prompt1)) // 16) + 1
+    assert bytes2 - bytes1 == sent * block_bytes  # bytes = blocks actually sent x block size

@@ -10,7 +10,6 @@ import time
 
 import httpx
 import pytest
-
 from e2e_helpers import Stack
 
 pytestmark = pytest.mark.timeout(120)

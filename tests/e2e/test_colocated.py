@@ -14,11 +14,17 @@ from typing import Any
 import httpx
 import openai
 import pytest
-
-from e2e_helpers import (POD_ARGS, Stack, chat_choices, collect_stream, completion_choices,
-                         start_stack)
-from engine.tokenizer import apply_chat_template
+from e2e_helpers import (
+    POD_ARGS,
+    Stack,
+    chat_choices,
+    collect_stream,
+    completion_choices,
+    start_stack,
+)
 from hf_reference import hf_greedy
+
+from engine.tokenizer import apply_chat_template
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -79,6 +85,10 @@ def test_a_wrong_or_missing_api_key_is_a_401(colocated: Stack) -> None:
                            json={"messages": [{"role": "user", "content": "a"}]})
         assert reply.status_code == 401, reply.text
         assert set(reply.json()["error"]) >= {"message", "type", "param", "code"}
-    # health, metrics and the pool view stay open (probes and scrapers carry no key)
-    for path in ("/health", "/metrics", "/pools"):
+    # health and metrics stay open (probes and scrapers carry no key); the pool view, which
+    # shows every pod's address, needs the key
+    for path in ("/health", "/metrics"):
         assert httpx.get(colocated.url + path, timeout=10).status_code == 200, path
+    assert httpx.get(colocated.url + "/pools", timeout=10).status_code == 401
+    keyed = {"authorization": f"Bearer {API_KEY}"}
+    assert httpx.get(colocated.url + "/pools", headers=keyed, timeout=10).status_code == 200

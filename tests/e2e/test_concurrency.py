@@ -14,8 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from e2e_helpers import POD_ARGS, Stack, extra, start_stack
+from e2e_helpers import POD_ARGS, Stack, start_stack, stream_greedy_ids
 from hf_reference import hf_greedy
 
 pytestmark = pytest.mark.timeout(300)
@@ -40,22 +39,10 @@ def _prompts() -> list[list[int]]:
     return [unique[i % len(unique)] for i in range(REQUESTS)]
 
 
-async def _one(stack: Stack, client, prompt: list[int]) -> tuple[list[int], str | None]:
-    ids: list[int] = []
-    finish = None
-    stream = await client.completions.create(
-        model=stack.model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True,
-        extra_body={"ignore_eos": True, "return_token_ids": True})
-    async for chunk in stream:
-        for choice in chunk.choices:
-            ids += extra(choice, "token_ids") or []
-            finish = choice.finish_reason or finish
-    return ids, finish
-
-
 async def _load(stack: Stack, prompts: list[list[int]]) -> list[tuple[list[int], str | None]]:
     async with stack.async_client() as client:
-        return await asyncio.gather(*(_one(stack, client, p) for p in prompts))
+        return await asyncio.gather(*(stream_greedy_ids(stack, client, p, MAX_TOKENS)
+                                      for p in prompts))
 
 
 def test_64_concurrent_streams_complete_and_free_every_block(stack_2p2d: Stack) -> None:
@@ -72,9 +59,10 @@ def test_64_concurrent_streams_complete_and_free_every_block(stack_2p2d: Stack) 
 
     assert all(finish == "length" for _, finish in results), [f for _, f in results]
     unique = prompts[:16]
-    refs = dict(zip(map(tuple, unique), hf_greedy(stack.model_dir, unique, MAX_TOKENS)))
+    refs = dict(zip(map(tuple, unique), hf_greedy(stack.model_dir, unique, MAX_TOKENS),
+                    strict=True))
     want = [refs[tuple(p)] for p in prompts]
-    wrong = [i for i, ((got, _), ref) in enumerate(zip(results, want)) if got != ref]
+    wrong = [i for i, ((got, _), ref) in enumerate(zip(results, want, strict=False)) if got != ref]
     assert not wrong, f"{len(wrong)} of {REQUESTS} requests differ from transformers: {wrong}"
 
     after = stack.wait_decode_free(before, timeout=5.0)

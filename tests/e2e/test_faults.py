@@ -7,63 +7,27 @@ still gives transformers' greedy tokens; every reserved block comes back either 
 
 from __future__ import annotations
 
-import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
-
 from e2e_helpers import free_port
-from engine.sampling_params import SamplingParams
 from hf_reference import hf_greedy
+from pod_helpers import Pod, free_blocks, generate_on, start_pod
+
+from engine.sampling_params import SamplingParams
 from protos import pdserve_pb2 as pb
 from protos import pdserve_pb2_grpc as pb_grpc
 from protos.convert import sampling_to_proto
 
 pytestmark = pytest.mark.timeout(180)
 
-READY = re.compile(r"ready on (\S+:\d+)")
 PROMPT = list(range(300, 340))
 NEW_TOKENS = 16
-
-
-@dataclass(slots=True)
-class Pod:
-    proc: subprocess.Popen
-    address: str
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def start_pod(role: str, model_dir: Path, *args: str) -> Pod:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pdserve.cli", role, "--model", str(model_dir), "--port", "0",
-         "--num-kv-blocks", "256", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        match = READY.search(line)
-        if match:
-            return Pod(proc, match.group(1))
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError(f"{role} pod did not start")
 
 
 @pytest.fixture(scope="module")
@@ -74,25 +38,7 @@ def decode_pod(default_model_dir: Path) -> Iterator[Pod]:
 
 
 def generate(decode: Pod, prefill_endpoint: str) -> tuple[list[int], bool]:
-    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    with grpc.insecure_channel(decode.address) as channel:
-        stub = pb_grpc.DecodeStub(channel)
-        tokens: list[int] = []
-        remote = None
-        for msg in stub.Generate(pb.GenerateRequest(
-                prompt_token_ids=PROMPT, sampling=sampling_to_proto(params),
-                prefill_endpoint=prefill_endpoint), timeout=60):
-            if remote is None:
-                remote = msg.remote_prefill
-            for out in msg.outputs:
-                tokens += out.token_ids
-    return tokens, bool(remote)
-
-
-def free_blocks(pod: Pod) -> int:
-    with grpc.insecure_channel(pod.address) as channel:
-        report = pb_grpc.DecodeStub(channel).GetLoad(pb.LoadRequest(), timeout=5)
-    return report.free_blocks
+    return generate_on(decode, prefill_endpoint, PROMPT, NEW_TOKENS)
 
 
 def test_an_unreachable_prefill_pod_means_a_local_prefill_with_the_same_tokens(

@@ -10,11 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
-from e2e_helpers import (Choice, Stack, chat_choices, collect_stream, completion_choices,
-                         extra)
-from engine.tokenizer import apply_chat_template
+from e2e_helpers import Choice, Stack, chat_choices, collect_stream, completion_choices, extra
 from hf_reference import hf_greedy
+
+from engine.tokenizer import apply_chat_template
 
 pytestmark = pytest.mark.timeout(180)
 

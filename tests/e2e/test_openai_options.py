@@ -10,10 +10,10 @@ from typing import Any
 import httpx
 import pytest
 import torch
-
 from e2e_helpers import Stack, chat_choices, collect_stream, completion_choices, extra
-from engine.tokenizer import apply_chat_template
 from hf_reference import hf_logits
+
+from engine.tokenizer import apply_chat_template
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -27,7 +27,7 @@ def test_n3_with_a_seed_gives_three_choices_reproducibly(stack: Stack) -> None:
                max_tokens=16, extra_body=IDS)
     first = completion_choices(client.completions.create(**ask))
     again = completion_choices(client.completions.create(**ask))
-    streamed, chunks = collect_stream(client.completions.create(stream=True, **ask), chat=False)
+    streamed, _chunks = collect_stream(client.completions.create(stream=True, **ask), chat=False)
     assert [c.token_ids for c in first] == [c.token_ids for c in again]
     assert [c.text for c in first] == [c.text for c in again]
     assert streamed == first, "a streamed request with the same seed sampled differently"
@@ -98,7 +98,7 @@ def test_completion_logprobs_have_the_requested_shape_and_values(stack: Stack,
     assert n == len(ids) == 8
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == n
     assert len(lp.text_offset) == n
-    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=False):
         assert len(top) == 3, top
         # greedy: the chosen token is the most likely one
         assert top[token] == pytest.approx(logprob) and logprob == pytest.approx(max(top.values()))
@@ -139,11 +139,11 @@ def test_router_metrics_are_prometheus_text_with_ttft(stack: Stack) -> None:
     assert reply.status_code == 200
     assert reply.headers["content-type"].startswith("text/plain")
     text = reply.text
-    assert "# TYPE pdserve:time_to_first_token_seconds histogram" in text
-    count = re.search(r"^pdserve:time_to_first_token_seconds_count\{[^}]*\} (\S+)$", text,
+    assert "# TYPE vllm:time_to_first_token_seconds histogram" in text
+    count = re.search(r"^vllm:time_to_first_token_seconds_count\{[^}]*\} (\S+)$", text,
                       re.MULTILINE)
     assert count is not None and float(count.group(1)) >= 1
-    assert "pdserve:inter_token_latency_seconds" in text
+    assert "vllm:inter_token_latency_seconds" in text
 
 
 def test_raw_sse_is_data_lines_of_json_ending_in_done(stack: Stack) -> None:

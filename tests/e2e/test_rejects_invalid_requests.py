@@ -12,7 +12,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-
 from e2e_helpers import Stack
 
 pytestmark = pytest.mark.timeout(120)

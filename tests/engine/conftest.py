@@ -7,12 +7,12 @@ for the session by (model directory, prompts, number of new tokens).
 
 from __future__ import annotations
 
+import dataclasses
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
-
 from hf_reference import hf_greedy
 
 GreedyRef = Callable[[Path, list[list[int]], int], list[list[int]]]
@@ -36,7 +36,7 @@ def hf_greedy_cached() -> GreedyRef:
     def ref(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         missing = [p for p in prompts if (str(model_dir), tuple(p), max_new_tokens) not in cache]
         if missing:
-            for p, out in zip(missing, hf_greedy(model_dir, missing, max_new_tokens)):
+            for p, out in zip(missing, hf_greedy(model_dir, missing, max_new_tokens), strict=False):
                 cache[(str(model_dir), tuple(p), max_new_tokens)] = out
         return [cache[(str(model_dir), tuple(p), max_new_tokens)] for p in prompts]
 
@@ -61,33 +61,42 @@ def assert_idle() -> Callable[[object], None]:
 
 def _disaggregated(prefill, decode, rid: str, prompt: list[int], params,
                    max_steps: int = 1000) -> tuple[list[list[int]], int]:
-    """Serve one request as a prefill pod and a decode pod would, with two LLMEngines:
-    ``prefill`` computes the prompt (prefill_only, its KV caught layer by layer by a sink)
-    and samples the first token(s); ``decode`` reserves blocks, receives that KV by a copy
-    into its own cache, and generates the rest.
+    """Serve one request as a decode pod and a prefill pod would, with two LLMEngines and
+    the real ``tcp`` connector in this process: ``decode`` reserves blocks (keeping what its
+    prefix cache holds) and picks the seed; ``prefill`` computes the prompt (prefill_only)
+    and its connector pushes the blocks the decode engine lacks, layer by layer; ``decode``
+    then generates the rest.
 
     Returns every sequence's output tokens and the seed the request sampled with."""
-    layers: dict[int, object] = {}
+    from engine.external_kv import KVSend
+    from kv_transfer import KVTargetSpec, make_receiver, make_sender
 
-    def sink(layer, cache, block_ids):
-        layers[layer] = cache[:, block_ids].clone()
-
-    prefill.add_request(rid, prompt, params, prefill_only=True, kv_sink=sink)
-    seed = prefill.seed_of(rid)  # an unseeded request's drawn seed travels with it
-    firsts: dict[int, tuple[int, object]] = {}
-    for _ in range(max_steps):
-        if not prefill.has_work():
-            break
-        for out in prefill.step():
-            for d in out.deltas:
-                firsts[d.index] = (d.token_ids[0], d.logprobs[0] if d.logprobs else None)
-    assert not prefill.has_work() and sorted(firsts) == list(range(params.n))
-
-    block_ids = decode.reserve_remote(rid, prompt, params, seed=seed)
-    for layer in range(len(layers)):
-        decode.runner.kv_caches[layer][:, block_ids] = layers[layer]
-    decode.complete_remote(rid, [firsts[i][0] for i in range(params.n)],
-                           [firsts[i][1] for i in range(params.n)])
+    receiver = make_receiver("tcp", decode.kv_memory)
+    sender = make_sender("tcp", prefill.kv_memory)
+    try:
+        decode.attach_kv_receiver(receiver)
+        plan = decode.reserve_remote(rid, prompt, params, timeout_s=30)
+        handle = sender.begin(KVTargetSpec("tcp", receiver.address, rid, plan.block_ids,
+                                           decode.layout.fingerprint, plan.first_block))
+        # The seed travels with the request, as the decode pod sends it to the prefill pod.
+        prefill.add_request(rid, prompt, dataclasses.replace(params, seed=plan.seed),
+                            prefill_only=True, kv_send=KVSend(handle, plan.first_block))
+        firsts: dict[int, tuple[int, object]] = {}
+        for _ in range(max_steps):
+            if not prefill.has_work():
+                break
+            for out in prefill.step():
+                for d in out.deltas:
+                    firsts[d.index] = (d.token_ids[0], d.logprobs[0] if d.logprobs else None)
+        assert not prefill.has_work() and sorted(firsts) == list(range(params.n))
+        handle.wait(30)
+        plan.transfer.wait(30)
+        prefill.housekeeping()  # what the pod's engine loop does: free the sent blocks
+        decode.complete_remote(rid, [firsts[i][0] for i in range(params.n)],
+                               [firsts[i][1] for i in range(params.n)])
+    finally:
+        sender.close()
+        receiver.close()
     tokens: list[list[int]] = [[] for _ in range(params.n)]  # first tokens stream here too
     for _ in range(max_steps):
         if not decode.has_work():
@@ -96,7 +105,7 @@ def _disaggregated(prefill, decode, rid: str, prompt: list[int], params,
             for d in out.deltas:
                 tokens[d.index] += d.token_ids
     assert not decode.has_work()
-    return tokens, seed
+    return tokens, plan.seed
 
 
 @pytest.fixture(scope="session")

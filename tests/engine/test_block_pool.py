@@ -8,6 +8,8 @@ back on the free list with a zero ref count.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from engine import LLM, SamplingParams
 from engine.block_pool import BlockPool, hash_block, prefix_hashes
 from engine.errors import CapacityError
 from engine.sequence import SequenceStatus
+from kv_transfer import make_receiver
 
 VOCAB = 2048
 
@@ -86,7 +89,7 @@ def test_freed_registered_blocks_stay_reusable_until_evicted():
     pool = BlockPool(4, 2)
     hashes = _chain([1, 2], [3, 4])
     blocks = pool.allocate(2)
-    for b, h in zip(blocks, hashes):
+    for b, h in zip(blocks, hashes, strict=False):
         pool.register(b, h)
     pool.release(blocks)
     assert pool.num_free == 4
@@ -120,7 +123,7 @@ def test_allocation_evicts_the_least_recently_freed_cached_block_first():
     h = _chain([1, 2], [3, 4], [5, 6])
     never_cached = pool.allocate(1)
     blocks = pool.allocate(3)
-    for b, hb in zip(blocks, h):
+    for b, hb in zip(blocks, h, strict=False):
         pool.register(b, hb)
     pool.release(never_cached)  # oldest free entry
     pool.release(blocks)  # released tail first: the tail is evicted before the head
@@ -173,7 +176,7 @@ def test_peek_counts_cached_leading_blocks_without_taking_references():
     pool = BlockPool(4, 2)
     h = _chain([1, 2], [3, 4], [5, 6])
     blocks = pool.allocate(2)
-    for b, hb in zip(blocks, h):
+    for b, hb in zip(blocks, h, strict=False):
         pool.register(b, hb)
     pool.release(blocks)
     assert pool.peek(h) == 2 and pool.peek(h[1:]) == 1 and pool.peek(h[2:]) == 0
@@ -270,32 +273,75 @@ def test_blocks_come_back_after_aborting_a_waiting_request_while_others_run(
     assert_idle(engine)
 
 
+@pytest.fixture
+def remote(engine):
+    """The engine with a real tcp receiver attached, as a decode pod has."""
+    receiver = make_receiver("tcp", engine.kv_memory)
+    engine.attach_kv_receiver(receiver)
+    yield engine
+    receiver.close()
+
+
 def test_blocks_come_back_after_aborting_a_request_awaiting_remote_kv(
-        engine, assert_idle, make_prompts):
+        remote, assert_idle, make_prompts):
+    engine = remote
     (p,) = make_prompts([100], VOCAB, 26)
-    blocks = engine.reserve_remote("remote", p, SamplingParams(max_tokens=8))
-    assert len(blocks) == 7 and engine.pool.num_free == engine.pool.num_blocks - 7
-    assert _seq(engine, "remote").status is SequenceStatus.AWAITING_KV
+    plan = engine.reserve_remote("remote", p, SamplingParams(max_tokens=8), timeout_s=30)
+    assert len(plan.block_ids) == 7 and engine.pool.num_free == engine.pool.num_blocks - 7
+    assert _seq(engine, "remote").status is SequenceStatus.WAITING_FOR_REMOTE_KV
     engine.abort("remote")
+    assert plan.transfer.finished()  # cancelled: nothing can land in the blocks any more
     assert_idle(engine)
     engine.complete_remote("remote", [1], [None])  # a late prefill result is ignored
     assert_idle(engine)
 
 
+def test_a_remote_request_whose_kv_misses_its_deadline_is_ended_and_freed(
+        remote, assert_idle, make_prompts):
+    engine = remote
+    (p,) = make_prompts([40], VOCAB, 33)
+    plan = engine.reserve_remote("late", p, SamplingParams(max_tokens=8), timeout_s=0.05)
+    assert not engine.has_work()  # waiting for KV is not work a step could do
+    assert engine.housekeeping() == []
+    time.sleep(0.1)
+    assert engine.housekeeping() == ["late"]
+    assert plan.transfer.finished() and "late" not in engine.requests
+    assert_idle(engine)
+
+
 def test_reserving_more_blocks_than_are_free_is_refused_without_holding_any(
-        engine, assert_idle, make_prompts):
+        remote, assert_idle, make_prompts):
+    engine = remote
     (p,) = make_prompts([700], VOCAB, 27)  # 44 blocks; two of these do not fit in 48
-    engine.reserve_remote("one", p, SamplingParams(max_tokens=1))
+    engine.reserve_remote("one", p, SamplingParams(max_tokens=1), timeout_s=30)
     with pytest.raises(CapacityError):
-        engine.reserve_remote("two", p, SamplingParams(max_tokens=1))
+        engine.reserve_remote("two", [*p, 1], SamplingParams(max_tokens=1), timeout_s=30)
     assert "two" not in engine.requests
     engine.abort("one")
     assert_idle(engine)
 
 
-def test_blocks_come_back_after_a_remote_request_finishes(engine, assert_idle, make_prompts):
+def test_a_remote_prompt_reserves_only_what_its_prefix_cache_lacks(
+        remote, assert_idle, make_prompts):
+    engine = remote
+    (p,) = make_prompts([100], VOCAB, 34)
+    engine.add_request("local", p, SamplingParams(max_tokens=1))
+    _run(engine)  # the prompt's 6 full blocks are now in the prefix cache
+    turn2 = p + make_prompts([50], VOCAB, 35)[0]
+    plan = engine.reserve_remote("turn2", turn2, SamplingParams(max_tokens=4), timeout_s=30)
+    # 150 tokens = 10 blocks; the first 6 are cached here and are not asked for
+    assert plan.first_block == 6 and len(plan.block_ids) == 4
+    seq = _seq(engine, "turn2")
+    assert seq.block_ids[6:] == list(plan.block_ids)
+    engine.abort("turn2")
+    assert_idle(engine)
+
+
+def test_blocks_come_back_after_a_remote_request_finishes(remote, assert_idle, make_prompts):
+    engine = remote
     (p,) = make_prompts([33], VOCAB, 28)
-    engine.reserve_remote("remote", p, SamplingParams(n=2, max_tokens=6, ignore_eos=True))
+    engine.reserve_remote("remote", p, SamplingParams(n=2, max_tokens=6, ignore_eos=True),
+                          timeout_s=30)
     engine.complete_remote("remote", [5, 6], [None, None])
     _run(engine)
     assert_idle(engine)

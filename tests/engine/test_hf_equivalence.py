@@ -132,7 +132,7 @@ def test_n_greedy_copies_are_identical_and_equal_transformers(
     ps = make_prompts([20, 33], VOCAB, 10)
     params = SamplingParams(n=3, temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     results = llama.generate(ps, params)
-    for result, ref in zip(results, hf_greedy_cached(tiny_model, ps, NEW_TOKENS)):
+    for result, ref in zip(results, hf_greedy_cached(tiny_model, ps, NEW_TOKENS), strict=False):
         assert [o.token_ids for o in result.outputs] == [ref] * 3
     assert_idle(llama.engine)
 
@@ -175,7 +175,7 @@ def test_a_mixed_workload_on_a_tight_engine_is_exact(
         params = [SamplingParams(n=ns[i], temperature=0.0, max_tokens=24, ignore_eos=True)
                   for i in wave]
         results = llm.generate([ps[i] for i in wave], params)
-        for i, result in zip(wave, results):
+        for i, result in zip(wave, results, strict=False):
             assert [o.token_ids for o in result.outputs] == [refs[i]] * ns[i], i
     assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.pool.stats.hit_tokens > 0

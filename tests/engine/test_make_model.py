@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_reference import hf_greedy, hf_logits
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.errors import InvalidRequestError
-from engine.make_model import make_model
-from hf_reference import hf_greedy, hf_logits
+from pdserve.make_model import make_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PDSERVE = REPO_ROOT / ".venv" / "bin" / "pdserve"
@@ -25,7 +25,7 @@ ARCHES = ["llama", "qwen2", "mistral"]
 UTF8_SAMPLES = [
     "Hello, world!",
     "naïve café, Ångström, straße",
-    "你好，世界。日本語のテキスト、한국어 텍스트",
+    "你好，世界。日本語のテキスト、한국어 텍스트",  # noqa: RUF001 -- CJK punctuation on purpose
     "emoji 🙂👍🏽 family 👨‍👩‍👧 flag 🇫🇷",
     "  leading and trailing spaces  \t tabs\r\nand\n\n\nnewlines ",
     "def f(x):\n    return x ** 2  # 12345678901234567890",
@@ -146,7 +146,7 @@ def test_remaking_a_directory_without_shards_removes_the_old_shards(tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_tokenizer_round_trips_any_utf8_text(model_factory, arch):
     tok = AutoTokenizer.from_pretrained(model_factory(arch))
-    for text in UTF8_SAMPLES + [unicodedata.normalize("NFD", "déjà vu")]:
+    for text in [*UTF8_SAMPLES, unicodedata.normalize("NFD", "déjà vu")]:
         assert tok.decode(tok.encode(text)) == text
 
 

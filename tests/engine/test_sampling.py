@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_reference import hf_logits
 
 from engine import LLM, SamplingParams
 from engine.sampler import apply_penalties
 from engine.sequence import Sequence
-from hf_reference import hf_logits
 
 VOCAB = 2048
 PROMPT = "def main():\n    "
@@ -118,7 +118,7 @@ def test_logprobs_equal_log_softmax_of_transformers_logits(llm, tiny_model, prom
     out = llm.generate([prompt], params)[0].outputs[0]
     ref = torch.log_softmax(hf_logits(tiny_model, prompt + out.token_ids[:-1]), dim=-1)
     assert len(out.logprobs) == len(out.token_ids) == 12
-    for t, (token, lp) in enumerate(zip(out.token_ids, out.logprobs)):
+    for t, (token, lp) in enumerate(zip(out.token_ids, out.logprobs, strict=False)):
         row = ref[len(prompt) - 1 + t]
         assert lp.token_id == token
         assert lp.logprob == pytest.approx(row[token].item(), abs=1e-4)
@@ -153,7 +153,9 @@ def test_penalties_transform_logits_as_defined():
     seq = Sequence(seq_id=0, request_id="r", index=0, params=params, seed=0,
                    token_ids=[1, 2, 3, 3, 5], num_prompt_tokens=2, max_tokens=10)
     row = torch.tensor([1.0, 4.0, -2.0, 3.0, 1.0, -1.0, 0.5])
-    out = apply_penalties(row.clone(), seq, eos_ids=[])
+    out = row.clone().unsqueeze(0)
+    apply_penalties(out, [seq], eos_ids=[])
+    out = out.squeeze(0)
     expected = _reference_penalties(row, [1, 2], [3, 3, 5], 2.0, 0.5, 0.25)
     assert torch.allclose(out, expected)
     assert out.tolist() == pytest.approx([1.0, 2.0, -4.0, 0.25, 1.0, -2.75, 0.5])

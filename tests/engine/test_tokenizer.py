@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import InvalidRequestError, ModelLoadError
-from engine.tokenizer import (IncrementalDetokenizer, TokenBytes, apply_chat_template,
-                              load_tokenizer)
+from engine.tokenizer import IncrementalDetokenizer, TokenBytes, apply_chat_template, load_tokenizer
 
 TEXT = "héllo 你好 world. STOP here, ok?"
 
@@ -58,12 +57,14 @@ def test_stream_reassembles_text_and_never_splits_a_character(tok, chunk: int) -
     assert "你" in pieces or chunk > 1  # emitted whole once its last byte arrived
 
 
-def test_incomplete_character_at_the_end_is_flushed(tok) -> None:
+def test_a_sequence_ending_inside_a_character_drops_its_bytes_not_shows_fffd(tok) -> None:
     ids = tok.encode("ab你")
     detok = IncrementalDetokenizer(tok, [], stop=[])
     text = detok.add(ids[:-1]).text
     assert text == "ab"  # the partial 你 is held back
-    assert detok.flush() == "\ufffd"  # ... and at the end of the stream shown as it is
+    assert detok.flush() == ""  # ... and dropped at the end, as vLLM does (no U+FFFD)
+    whole = IncrementalDetokenizer(tok, [], stop=[])
+    assert whole.add(ids).text + whole.flush() == "ab你"  # a complete one is kept
 
 
 def test_stop_string_cuts_text_before_it(tok) -> None:
@@ -109,7 +110,7 @@ def test_held_stop_prefix_that_does_not_become_a_stop_is_released(tok) -> None:
 
 def test_special_tokens_are_skipped_by_default(tok) -> None:
     eos = tok.eos_token_id
-    ids = tok.encode("hi") + [eos]
+    ids = [*tok.encode("hi"), eos]
     detok = IncrementalDetokenizer(tok, [])
     assert detok.add(ids).text + detok.flush() == "hi"
     detok = IncrementalDetokenizer(tok, [], skip_special_tokens=False)

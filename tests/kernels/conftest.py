@@ -12,11 +12,11 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-from dataclasses import dataclass  # noqa: E402
-from typing import Callable  # noqa: E402
+from collections.abc import Callable
+from dataclasses import dataclass
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -61,7 +61,7 @@ def make_paged_kv(lens: list[int], block_size: int, num_kv_heads: int, head_dim:
     poison_block = num_blocks - 1
     cache = torch.full((2, num_blocks, block_size, num_kv_heads, head_dim), float("nan"),
                        dtype=dtype)
-    max_blocks = max(need + [1]) + 1
+    max_blocks = max([*need, 1]) + 1
     tables = torch.full((len(lens), max_blocks), poison_block, dtype=torch.int32)
     perm = torch.randperm(num_blocks - 1, generator=g)
     used = 0

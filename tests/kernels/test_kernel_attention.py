@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from kernels import ops, reference
-from kernels.triton_decode_attention import (DecodeConfig, choose_num_splits,
-                                             decode_attention_out)
+from kernels.triton_decode_attention import DecodeConfig, choose_num_splits, decode_attention_out
 from kernels.triton_prefill_attention import PrefillConfig, prefill_attention_out
 
 HEAD_DIM = 32
@@ -89,7 +88,7 @@ def test_prefill_with_cached_prefix_matches_reference(dtype, block_size, heads, 
     plan = [(20, 0), (5, 13), (0, 7), (9, block_size), (40, 3)]
     lens = [n + p for n, p in plan]
     kv = paged_kv(lens, block_size, hk, HEAD_DIM, dtype, gen)
-    cu = torch.tensor([0] + torch.tensor([n for n, _ in plan]).cumsum(0).tolist(),
+    cu = torch.tensor([0, *torch.tensor([n for n, _ in plan]).cumsum(0).tolist()],
                       dtype=torch.int32)
     q = torch.randn(int(cu[-1]), hq, HEAD_DIM, generator=gen).to(dtype)
     out = torch.full_like(q, float("nan"))

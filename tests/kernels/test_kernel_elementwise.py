@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from kernels import ops, reference
-from kernels import triton_activation, triton_norm, triton_rope
+from kernels import ops, reference, triton_activation, triton_norm, triton_rope
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -1,5 +1,6 @@
-"""Fixtures for the connector suites: connected receiver/sender pairs of each backend, and
-a ``closing`` list for ends a test builds itself; everything is closed at teardown."""
+"""Fixtures for the connector suites: receiver/sender ends of a backend built over
+caches the test makes (the pod's registered KV memory), and a ``closing`` list for ends a
+test builds itself; everything is closed at teardown."""
 
 from __future__ import annotations
 
@@ -7,15 +8,25 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import pytest
+import torch
 
-from kv_transfer import KVReceiver, KVSender, LocalHub, make_receiver, make_sender
+from engine.kv_layout import KVLayout, KVMemory
+from kv_transfer import (
+    ConnectorConfig,
+    KVReceiver,
+    KVSender,
+    introduce,
+    make_receiver,
+    make_sender,
+)
 
 
 class _Closable(Protocol):
     def close(self) -> None: ...
 
 
-Pair = tuple[KVReceiver, KVSender]
+Ends = tuple[KVReceiver, KVSender]
+MakeEnds = Callable[..., Ends]
 
 
 @pytest.fixture
@@ -27,14 +38,19 @@ def closing() -> Iterator[list[_Closable]]:
 
 
 @pytest.fixture
-def connector_pair(closing: list[_Closable]) -> Callable[[str], Pair]:
-    """``connector_pair(kind)`` -> a receiver and a sender of that backend."""
+def connector_ends(closing: list[_Closable]) -> MakeEnds:
+    """``connector_ends(kind, layout, src, dst, sender_layout=None, config=None)``: a
+    receiver over ``dst`` and a sender over ``src`` (per-layer caches) of backend ``kind``;
+    ``sender_layout`` gives the sender another layout (a mismatch)."""
 
-    def make(kind: str) -> Pair:
-        hub = LocalHub()
-        receiver = make_receiver(kind, hub=hub)
-        sender = make_sender(kind, hub=hub)
-        closing.extend([receiver, sender])
+    def make(kind: str, layout: KVLayout, src: list[torch.Tensor], dst: list[torch.Tensor],
+             sender_layout: KVLayout | None = None,
+             config: ConnectorConfig | None = None) -> Ends:
+        receiver = make_receiver(kind, KVMemory(layout, tuple(dst)), config)
+        closing.append(receiver)
+        sender = make_sender(kind, KVMemory(sender_layout or layout, tuple(src)), config)
+        closing.append(sender)
+        introduce(receiver, sender)
         return receiver, sender
 
     return make

@@ -30,3 +30,24 @@ def random_caches(layout: KVLayout, num_blocks: int, seed: int) -> list[torch.Te
 
 def snapshot(caches: list[torch.Tensor]) -> list[torch.Tensor]:
     return [kv.clone() for kv in caches]
+
+
+def write_layers(handle, block_ids, layers=None, num_layers: int = 0) -> None:
+    """Tell ``handle`` that ``layers`` (default: all ``num_layers``) of ``block_ids`` are
+    written, as the forward does."""
+    for layer in range(num_layers) if layers is None else layers:
+        handle.layer_written(layer, block_ids, None)
+
+
+def backend_params(device: str) -> list:
+    """Every registered backend as a pytest param, skipped (with its reason) where it
+    cannot run for KV on ``device`` here."""
+    import pytest
+
+    from kv_transfer import all_backends
+
+    params = []
+    for name, backend in all_backends().items():
+        why = backend.unavailable(device)
+        params.append(pytest.param(name, marks=pytest.mark.skip(reason=why)) if why else name)
+    return params

@@ -1,13 +1,14 @@
-"""Device tensors through both connectors (skipped without CUDA): GPU caches on both
+"""Device caches through every connector (skipped without CUDA): GPU caches on both
 sides, and a CPU sender into GPU blocks; the bytes land exactly as on the CPU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from kvt_helpers import make_layout, random_caches
+from kvt_helpers import backend_params, make_layout, random_caches
 
-from kv_transfer import KVTargetSpec, LocalHub, make_receiver, make_sender, pack_layer
+from engine.kv_layout import KVMemory
+from kv_transfer import KVTargetSpec, introduce, make_receiver, make_sender
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -15,24 +16,35 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["local", "tcp"])
-@pytest.mark.parametrize("src_device", ["cuda", "cpu"])
+# Two ranks of one NCCL communicator must be on two GPUs: the receiver takes the last one.
+DST = f"cuda:{max(torch.cuda.device_count() - 1, 0)}"
+
+
+@pytest.mark.parametrize("kind", backend_params("cuda") if torch.cuda.is_available() else [])
+@pytest.mark.parametrize("src_device", ["cuda:0", "cpu"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_device_caches_receive_exactly(kind: str, src_device: str, dtype: str) -> None:
+    if kind == "nccl" and (src_device == "cpu" or DST == "cuda:0"):
+        pytest.skip("nccl moves GPU memory between two GPUs")
     layout = make_layout(dtype, num_layers=3)
     src = [kv.to(src_device) for kv in random_caches(layout, 8, seed=1)]
-    dst = [kv.to("cuda") for kv in random_caches(layout, 12, seed=2)]
+    dst = [kv.to(DST) for kv in random_caches(layout, 12, seed=2)]
     before = [kv.clone() for kv in dst]
-    hub = LocalHub()
-    receiver, sender = make_receiver(kind, hub=hub), make_sender(kind, hub=hub)
+    receiver = make_receiver(kind, KVMemory(layout, tuple(dst)))
+    sender = make_sender(kind, KVMemory(layout, tuple(src)))
     try:
+        introduce(receiver, sender)
         src_ids, dst_ids = [5, 0, 7], [11, 3, 6]
-        pending = receiver.expect("gpu", dst, dst_ids, layout)
+        pending = receiver.expect("gpu", dst_ids)
         spec = KVTargetSpec(kind, receiver.address, "gpu", tuple(dst_ids), layout.fingerprint)
-        handle = sender.begin(spec, layout)
+        handle = sender.begin(spec)
         for layer in range(layout.num_layers):
-            handle.send_layer(layer, pack_layer(src[layer], src_ids))
-        handle.finish(30)
+            ready = None
+            if src_device != "cpu":
+                ready = torch.cuda.Event()
+                ready.record()
+            handle.layer_written(layer, src_ids, ready)
+        handle.wait(30)
         pending.wait(30)
     finally:
         sender.close()

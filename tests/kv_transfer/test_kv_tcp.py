@@ -10,26 +10,42 @@ import pytest
 import torch
 from kvt_helpers import make_layout, random_caches
 
-from engine.errors import KVTransferError
-from engine.kv_layout import KVLayout
-from kv_transfer import KVTargetSpec, LocalHub, make_receiver, make_sender, pack_layer
-from kv_transfer.local import LocalReceiver
-from kv_transfer.tcp import TcpReceiver, TcpSender, parse_address
+from engine.errors import InvalidRequestError, KVTransferError
+from engine.kv_layout import KVLayout, KVMemory
+from kv_transfer import ConnectorConfig, KVTargetSpec, make_receiver, make_sender, pack_layer
+from kv_transfer.aio import parse_address
+from kv_transfer.backends.tcp import TcpReceiver, TcpSender
 from kv_transfer.wire import HEADER_SIZE, FrameHeader, FrameKind
 
 pytestmark = pytest.mark.timeout(60)
 
+LAYOUT = make_layout()
 
-def transfer(sender: TcpSender, receiver: TcpReceiver, tid: str, layout: KVLayout,
-             seed: int, timeout: float = 10.0) -> None:
+
+def receiver_over(layout: KVLayout = LAYOUT, seed: int = 100, num_blocks: int = 4,
+                  **config: object) -> tuple[TcpReceiver, list[torch.Tensor]]:
+    dst = random_caches(layout, num_blocks, seed=seed)
+    return TcpReceiver(KVMemory(layout, tuple(dst)), ConnectorConfig(**config)), dst  # type: ignore[arg-type]
+
+
+def sender_over(layout: KVLayout = LAYOUT, seed: int = 200, num_blocks: int = 4,
+                **config: object) -> tuple[TcpSender, list[torch.Tensor]]:
+    src = random_caches(layout, num_blocks, seed=seed)
+    return TcpSender(KVMemory(layout, tuple(src)), ConnectorConfig(**config)), src  # type: ignore[arg-type]
+
+
+def transfer(sender: TcpSender, receiver: TcpReceiver, tid: str, timeout: float = 10.0) -> None:
     """One whole transfer, checked byte for byte."""
-    src, dst = random_caches(layout, 4, seed=seed), random_caches(layout, 4, seed=seed + 1)
-    pending = receiver.expect(tid, dst, [3, 1], layout)
+    layout = receiver.memory.layout
+    src, dst = sender.memory.layers, receiver.memory.layers
+    for kv in dst:  # scribble over the target blocks so that a landing shows
+        kv[:, [3, 1]] = 0
+    pending = receiver.expect(tid, [3, 1])
     spec = KVTargetSpec("tcp", receiver.address, tid, (3, 1), layout.fingerprint)
-    handle = sender.begin(spec, layout)
+    handle = sender.begin(spec)
     for layer in range(layout.num_layers):
-        handle.send_layer(layer, pack_layer(src[layer], [0, 2]))
-    handle.finish(timeout)
+        handle.layer_written(layer, [0, 2], None)
+    handle.wait(timeout)
     pending.wait(timeout)
     assert all(torch.equal(d[:, [3, 1]], s[:, [0, 2]]) for d, s in zip(dst, src, strict=True))
 
@@ -59,26 +75,24 @@ def dropped(sock: socket.socket) -> bool:
 ])
 def test_garbage_on_the_port_drops_that_connection_and_others_keep_working(
         closing: list, garbage: bytes) -> None:
-    receiver, sender = TcpReceiver(), TcpSender()
+    (receiver, _), (sender, _) = receiver_over(), sender_over()
     closing.extend([receiver, sender])
-    layout = make_layout()
-    transfer(sender, receiver, "before", layout, seed=1)
+    transfer(sender, receiver, "before")
     bad = raw_connection(receiver.address)
     bad.sendall(garbage)
     if garbage.startswith(b"PDKV") and len(garbage) > HEADER_SIZE:
         bad.shutdown(socket.SHUT_WR)  # a frame cut short: the receiver sees EOF mid-payload
     assert dropped(bad)
     bad.close()
-    transfer(sender, receiver, "after", layout, seed=3)
+    transfer(sender, receiver, "after")
 
 
 def test_a_data_frame_for_an_unknown_id_writes_nothing(closing: list) -> None:
-    receiver = TcpReceiver(early_grace_s=0.2)
+    receiver, dst = receiver_over(early_grace_s=0.2)
     closing.append(receiver)
-    layout = make_layout()
-    dst = random_caches(layout, 4, seed=5)
+    layout = LAYOUT
     before = [kv.clone() for kv in dst]
-    pending = receiver.expect("known", dst, [0], layout)
+    pending = receiver.expect("known", [0])
     payload = pack_layer(random_caches(layout, 1, seed=6)[0], [0])
     header = FrameHeader(kind=FrameKind.DATA, transfer_id="stranger", layer=0,
                          num_layers=layout.num_layers, payload_bytes=layout.packed_layer_bytes(1),
@@ -100,13 +114,12 @@ def data_frame(layout: KVLayout, tid: str, layer: int, payload: bytes) -> bytes:
 
 def test_an_oversized_layer_is_read_past_rejected_and_the_stream_stays_in_step(
         closing: list) -> None:
-    receiver = TcpReceiver()
+    receiver, dst = receiver_over(seed=50)
     closing.append(receiver)
-    layout = make_layout()
-    dst = random_caches(layout, 4, seed=50)
+    layout = LAYOUT
     before = [kv.clone() for kv in dst]
-    big = receiver.expect("big", dst, [0], layout)
-    small = receiver.expect("small", dst, [1], layout)
+    big = receiver.expect("big", [0])
+    small = receiver.expect("small", [1])
     src = random_caches(layout, 1, seed=51)
     sock = raw_connection(receiver.address)
     # 8 MiB where one block of 512 bytes is expected: read past, never allocated or written.
@@ -130,106 +143,121 @@ def test_an_oversized_layer_is_read_past_rejected_and_the_stream_stays_in_step(
 
 
 def test_frames_nobody_expects_are_refused_after_the_grace_period(closing: list) -> None:
-    receiver, sender = TcpReceiver(early_grace_s=0.3), TcpSender()
+    (receiver, _), (sender, _) = receiver_over(early_grace_s=0.3), sender_over()
     closing.extend([receiver, sender])
-    layout = make_layout()
+    layout = LAYOUT
     spec = KVTargetSpec("tcp", receiver.address, "nobody", (0,), layout.fingerprint)
-    handle = sender.begin(spec, layout)
-    src = random_caches(layout, 1, seed=7)
+    handle = sender.begin(spec)
     for layer in range(layout.num_layers):
-        handle.send_layer(layer, pack_layer(src[layer], [0]))
+        handle.layer_written(layer, [0], None)
     t0 = time.monotonic()
     with pytest.raises(KVTransferError, match="no receiver expected it"):
-        handle.finish(10)
+        handle.wait(10)
     assert time.monotonic() - t0 < 3
     # expect() after the grace period fails at once instead of waiting for lost frames.
-    late = receiver.expect("nobody", random_caches(layout, 2, seed=8), [1], layout)
+    late = receiver.expect("nobody", [1])
     with pytest.raises(KVTransferError):
         late.wait(0.5)
 
 
 def test_many_transfers_share_one_connection(closing: list) -> None:
-    receiver, sender = TcpReceiver(), TcpSender()
-    closing.extend([receiver, sender])
     layout = make_layout(num_layers=2)
+    (receiver, _), (sender, _) = receiver_over(layout), sender_over(layout)
+    closing.extend([receiver, sender])
     for i in range(8):
-        transfer(sender, receiver, f"t{i}", layout, seed=10 + 2 * i)
+        transfer(sender, receiver, f"t{i}")
     assert len(receiver._conns) == 1
 
 
 def test_the_sender_reconnects_after_the_receiver_restarts(closing: list) -> None:
-    sender = TcpSender()
+    sender, _ = sender_over()
     closing.append(sender)
-    layout = make_layout()
-    first = TcpReceiver()
-    transfer(sender, first, "one", layout, seed=30)
+    first, _ = receiver_over()
+    transfer(sender, first, "one")
     host, port = parse_address(first.address)
     first.close()
-    second = TcpReceiver(host, port)  # same address, a new process in real life
+    second, _ = receiver_over(host=host, port=port)  # same address, a new process in real life
     closing.append(second)
     deadline = time.monotonic() + 5
     while True:  # the first attempt may race the old connection's teardown
         try:
-            transfer(sender, second, f"two-{time.monotonic()}", layout, seed=32, timeout=2)
+            transfer(sender, second, f"two-{time.monotonic()}", timeout=2)
             break
         except KVTransferError:
             assert time.monotonic() < deadline
-    transfer(sender, second, "three", layout, seed=34)
+    transfer(sender, second, "three")
 
 
 def test_closing_the_sender_fails_its_unfinished_transfers(closing: list) -> None:
-    receiver, sender = TcpReceiver(), TcpSender()
+    (receiver, _), (sender, _) = receiver_over(seed=40), sender_over()
     closing.append(receiver)
-    layout = make_layout()
-    dst = random_caches(layout, 4, seed=40)
-    pending = receiver.expect("r", dst, [0], layout)
-    handle = sender.begin(KVTargetSpec("tcp", receiver.address, "r", (0,), layout.fingerprint),
-                          layout)
-    handle.send_layer(0, pack_layer(dst[0], [1]))
+    layout = LAYOUT
+    pending = receiver.expect("r", [0])
+    handle = sender.begin(KVTargetSpec("tcp", receiver.address, "r", (0,), layout.fingerprint))
+    handle.layer_written(0, [1], None)
     sender.close()
     with pytest.raises(KVTransferError):
-        handle.finish(5)
+        handle.wait(5)
     t0 = time.monotonic()
     with pytest.raises(KVTransferError, match="sender closed"):
         pending.wait(5)  # told by an abort frame on the way out
     assert time.monotonic() - t0 < 1
     with pytest.raises(KVTransferError):
-        sender.begin(KVTargetSpec("tcp", receiver.address, "s", (0,), layout.fingerprint),
-                     layout)
+        sender.begin(KVTargetSpec("tcp", receiver.address, "s", (0,), layout.fingerprint))
 
 
 def test_a_wildcard_bind_advertises_a_dialable_address(closing: list) -> None:
-    receiver, sender = TcpReceiver("0.0.0.0"), TcpSender()
+    (receiver, _), (sender, _) = receiver_over(host="0.0.0.0"), sender_over()
     closing.extend([receiver, sender])
     host, _ = parse_address(receiver.address)
     assert host not in ("0.0.0.0", "")
-    transfer(sender, receiver, "wild", make_layout(), seed=60)
-    named = TcpReceiver("0.0.0.0", advertise_host="kv.example")
+    transfer(sender, receiver, "wild")
+    named, _ = receiver_over(host="0.0.0.0", advertise_host="kv.example")
     closing.append(named)
     assert named.address.startswith("kv.example:")
 
 
 def test_close_is_idempotent_and_frees_the_port() -> None:
-    receiver = TcpReceiver()
+    receiver, _ = receiver_over()
     host, port = parse_address(receiver.address)
     receiver.close()
     receiver.close()
-    again = TcpReceiver(host, port)
+    again, _ = receiver_over(host=host, port=port)
     again.close()
 
 
 def test_factories_pick_the_backend_and_refuse_unknown_ones() -> None:
-    hub = LocalHub()
-    local = make_receiver("local", hub=hub)
-    assert isinstance(local, LocalReceiver) and local.address.startswith("local:")
-    assert LocalHub().lookup(local.address) is None  # hubs share no state
-    local.close()
-    receiver = make_receiver("tcp", "127.0.0.1", 0)
+    memory = KVMemory(LAYOUT, tuple(random_caches(LAYOUT, 2, seed=1)))
+    receiver = make_receiver("tcp", memory, ConnectorConfig(port=0))
     assert isinstance(receiver, TcpReceiver) and parse_address(receiver.address)[1] > 0
     receiver.close()
-    for bad in (lambda: make_receiver("carrier-pigeon"), lambda: make_sender("nccl"),
-                lambda: make_receiver("local"), lambda: make_sender("local")):
-        with pytest.raises(ValueError):
+    for bad in (lambda: make_receiver("carrier-pigeon", memory),
+                lambda: make_sender("local", memory)):
+        with pytest.raises(InvalidRequestError, match="unknown KV connector"):
             bad()
     with pytest.raises(ValueError):
         parse_address("no-port")
+
+
+def test_with_a_token_only_senders_that_prove_it_are_admitted(closing: list) -> None:
+    receiver, _ = receiver_over(token="kv-secret", connect_timeout_s=1.0)
+    good, _ = sender_over(token="kv-secret")
+    wrong, _ = sender_over(token="kv-guess", connect_timeout_s=1.0)
+    none, _ = sender_over(connect_timeout_s=1.0)
+    closing.extend([receiver, good, wrong, none])
+    transfer(good, receiver, "proved")
+    for stranger, tid in ((wrong, "wrong"), (none, "none")):
+        with pytest.raises(KVTransferError):
+            transfer(stranger, receiver, tid, timeout=5.0)
+        receiver.cancel(tid)
+    transfer(good, receiver, "still")  # the refusals cost the admitted sender nothing
+
+
+def test_a_sender_with_a_token_refuses_a_receiver_that_sends_no_challenge(closing: list
+                                                                          ) -> None:
+    (receiver, _), (sender, _) = receiver_over(), sender_over(token="kv-secret",
+                                                              connect_timeout_s=0.5)
+    closing.extend([receiver, sender])
+    with pytest.raises(KVTransferError, match="challenge"):
+        transfer(sender, receiver, "unchallenged", timeout=5.0)
+    receiver.cancel("unchallenged")

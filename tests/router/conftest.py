@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
-
+from router_helpers import API_KEY, RouterProcess
 from scripted_decode import ScriptedPod, start_scripted_pod
 
 
@@ -17,3 +18,11 @@ def scripted_pod(tiny_model: Path) -> Iterator[ScriptedPod]:
     pod = start_scripted_pod(load_tokenizer(tiny_model).eos_token_id)
     yield pod
     pod.stop()
+
+
+@pytest.fixture()
+def http(router: RouterProcess) -> Iterator[httpx.Client]:
+    """A client of the module's ``router`` fixture that sends its API key."""
+    with httpx.Client(base_url=router.url, timeout=10.0,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+        yield client

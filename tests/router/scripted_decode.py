@@ -30,6 +30,7 @@ class Script:
 
     eos_token_id: int
     delay: float = 0.0  # seconds between steps
+    load_delay: float = 0.0  # seconds GetLoad takes to answer
     tokens_per_step: int = 1
     fail: grpc.StatusCode | None = None  # refuse Generate with this code
     requests: list[pb.GenerateRequest] = field(default_factory=list)
@@ -55,6 +56,7 @@ class ScriptedDecode(pb_grpc.DecodeServicer):
         self.s = script
 
     def GetLoad(self, request: pb.LoadRequest, context: grpc.ServicerContext) -> pb.LoadReport:
+        time.sleep(self.s.load_delay)
         return pb.LoadReport(role="decode", model="scripted", running=self.s.running,
                              free_blocks=TOTAL_BLOCKS - 4 * self.s.running,
                              total_blocks=TOTAL_BLOCKS)

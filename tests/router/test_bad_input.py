@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-
 from router_helpers import API_KEY, MODEL_NAME, RouterProcess, free_port, start_router
+
 from engine.sampling_params import MAX_N
 
 MAX_MODEL_LEN = 64
@@ -28,13 +28,6 @@ def router(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
                         "--api-key", API_KEY, "--max-model-len", str(MAX_MODEL_LEN))
     yield proc
     proc.stop()
-
-
-@pytest.fixture()
-def http(router: RouterProcess) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=router.url, timeout=10.0,
-                      headers={"Authorization": f"Bearer {API_KEY}"}) as client:
-        yield client
 
 
 @pytest.fixture()
@@ -74,8 +67,8 @@ def test_health_and_metrics_need_no_key(router: RouterProcess) -> None:
     assert health.status_code == 200 and health.json()["status"] == "ok"
     metrics = httpx.get(f"{router.url}/metrics", timeout=10.0)
     assert metrics.status_code == 200
-    for name in ("pdserve:time_to_first_token_seconds", "pdserve:inter_token_latency_seconds",
-                 "pdserve:e2e_request_latency_seconds", "pdserve:num_requests_running"):
+    for name in ("vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
+                 "vllm:e2e_request_latency_seconds", "vllm:num_requests_running"):
         assert name in metrics.text
 
 
@@ -94,6 +87,13 @@ def test_malformed_json_is_400(http: httpx.Client) -> None:
                  b'{"prompt": "hi", "temperature": NaN}'):
         assert_openai_error(http.post("/v1/completions", content=body,
                                       headers={"Content-Type": "application/json"}), 400)
+
+
+def test_json_nested_past_the_parsers_recursion_limit_is_400(http: httpx.Client) -> None:
+    body = '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    error = assert_openai_error(http.post("/v1/completions", content=body,
+                                          headers={"Content-Type": "application/json"}), 400)
+    assert error["code"] == "max_json_depth"
 
 
 def test_temperature_below_zero_is_400(client: openai.OpenAI, http: httpx.Client) -> None:
@@ -181,8 +181,32 @@ BAD_BODIES = [
                           "logprobs": True, "top_logprobs": 50}),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                           "tools": [{"type": "function"}]}),
+    # structured output and tools that cannot be served: a 400 before any pod is asked
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                          "response_format": {"type": "json_object"}}),
+                          "response_format": {"type": "json_schema",
+                                              "json_schema": {"schema": {"type": "objectx"}}}}),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                          "response_format": {"type": "xml"}}),
+    ("completions", {"prompt": "hi", "guided_regex": "(("}),
+    ("completions", {"prompt": "hi", "guided_choice": []}),
+    ("completions", {"prompt": "hi", "guided_grammar": "start: x"}),
+    ("completions", {"prompt": "hi", "guided_json": "{not json"}),
+    ("completions", {"prompt": "hi", "structured_outputs": {"regex": "a", "choice": ["b"]}}),
+    ("completions", {"prompt": "hi", "guided_regex": "a",
+                     "response_format": {"type": "json_object"}}),
+    ("completions", {"prompt": "hi", "prompt_logprobs": 2, "stream": True}),
+    ("completions", {"prompt": "hi", "prompt_logprobs": 21}),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                          "tool_choice": "required"}),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                          "tools": [{"type": "function", "function": {"name": "f"}}],
+                          "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                          "tools": [{"type": "function", "function": {"name": "f"}}]}),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                          "tools": [{"type": "function", "function": {
+                              "name": "f", "parameters": {"type": "objectx"}}}],
+                          "tool_choice": "required"}),
 ]
 
 

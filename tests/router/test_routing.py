@@ -1,11 +1,13 @@
 """Routing: least-loaded decode pod, fewest outstanding prefill tokens, unhealthy pods out.
 
-The policy is tested on ``router.pools.Pools`` directly (plain objects, no network), then
-through a real router process over two scripted decode pods, a dead one and prefill pods.
+The policy is tested on ``router.policy.LeastLoaded`` over ``router.pools.Pools`` directly
+(plain objects, no network), then through a real router process over two scripted decode
+pods, a dead one and prefill pods.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 from collections import Counter
 from collections.abc import Iterator
@@ -13,12 +15,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from router_helpers import RouterProcess, free_port, start_router
+from scripted_decode import ScriptedPod, start_load_only_prefill, start_scripted_pod
 
 from protos import pdserve_pb2 as pb
 from router.errors import APIError
+from router.policy import LeastLoaded, RouteRequest
 from router.pools import Pod, Pools, Role
-from router_helpers import RouterProcess, free_port, start_router
-from scripted_decode import ScriptedPod, start_load_only_prefill, start_scripted_pod
 
 
 def pod(role: Role, name: str, healthy: bool | None = True, **report: int) -> Pod:
@@ -26,19 +29,23 @@ def pod(role: Role, name: str, healthy: bool | None = True, **report: int) -> Po
                report=pb.LoadReport(**report) if report else None)
 
 
+ANY = RouteRequest([1, 2, 3])
+
+
 def test_decode_pick_prefers_fewest_requests_then_most_free_blocks() -> None:
     pools = Pools([pod(Role.DECODE, "busy", running=3, free_blocks=900),
                    pod(Role.DECODE, "full", running=1, free_blocks=10),
                    pod(Role.DECODE, "roomy", running=1, free_blocks=500),
-                   pod(Role.DECODE, "queued", running=0, waiting=2, free_blocks=999)], [])
-    assert pools.pick_decode().address == "roomy"
+                   pod(Role.DECODE, "queued", running=0, waiting=2, free_blocks=999)])
+    assert LeastLoaded(pools).pick_decode(ANY).address == "roomy"
 
 
 def test_requests_sent_since_the_last_poll_spread_a_burst() -> None:
-    pools = Pools([pod(Role.DECODE, f"d{i}", running=0, free_blocks=100) for i in range(4)], [])
+    pools = Pools([pod(Role.DECODE, f"d{i}", running=0, free_blocks=100) for i in range(4)])
+    policy = LeastLoaded(pools)
     picks = []
     for _ in range(8):
-        chosen = pools.pick_decode()
+        chosen = policy.pick_decode(ANY)
         pools.lease(chosen, None, 10)
         picks.append(chosen.address)
     assert Counter(picks) == {"d0": 2, "d1": 2, "d2": 2, "d3": 2}
@@ -46,10 +53,11 @@ def test_requests_sent_since_the_last_poll_spread_a_burst() -> None:
 
 def test_unhealthy_pods_are_skipped_and_none_left_is_a_503() -> None:
     pools = Pools([pod(Role.DECODE, "down", healthy=False, running=0, free_blocks=100),
-                   pod(Role.DECODE, "up", running=5, free_blocks=1)], [])
-    assert pools.pick_decode().address == "up"
+                   pod(Role.DECODE, "up", running=5, free_blocks=1)])
+    policy = LeastLoaded(pools)
+    assert policy.pick_decode(ANY).address == "up"
     with pytest.raises(APIError) as info:
-        pools.pick_decode(frozenset({"up"}))
+        policy.pick_decode(RouteRequest([1], exclude=frozenset({"up"})))
     assert info.value.status == 503
 
 
@@ -57,16 +65,58 @@ def test_prefill_pick_counts_outstanding_tokens_and_the_routers_own() -> None:
     a = pod(Role.PREFILL, "a", outstanding_prefill_tokens=100)
     b = pod(Role.PREFILL, "b", outstanding_prefill_tokens=300)
     d = pod(Role.DECODE, "d", running=0)
-    pools = Pools([d], [a, b])
-    assert pools.pick_prefill() is a
+    pools = Pools([d, a, b])
+    policy = LeastLoaded(pools)
+    assert policy.pick_prefill(ANY) is a
     lease = pools.lease(d, a, 250)  # a: 350 now, counting what the router just sent
-    assert pools.pick_prefill() is b
+    assert policy.pick_prefill(ANY) is b
     pools.release(lease)
     pools.release(lease)  # releasing twice is harmless
     assert (a.in_flight, d.in_flight) == (0, 0)
     b.healthy = False
     a.healthy = False
-    assert pools.pick_prefill() is None  # the decode pod then prefills locally
+    assert policy.pick_prefill(ANY) is None  # the decode pod then prefills locally
+
+
+def test_the_context_limit_is_the_smallest_any_usable_pod_reports() -> None:
+    small = pod(Role.DECODE, "small", max_model_len=300)
+    big = pod(Role.PREFILL, "big", max_model_len=2048)
+    down = pod(Role.DECODE, "down", healthy=False, max_model_len=100)
+    silent = pod(Role.DECODE, "silent")  # reported nothing about its limits
+    pools = Pools([small, big, down, silent])
+    assert pools.context_limit(4096) == 300
+    assert Pools([silent]).context_limit(4096) == 4096  # no report yet: config.json's
+
+
+def test_pools_gain_and_lose_pods_while_serving() -> None:
+    opened: list[str] = []
+
+    def fake_connect(role: Role, address: str) -> Pod:  # no network: plain pods
+        opened.append(address)
+        return pod(role, address, running=0, free_blocks=10)
+
+    async def main() -> None:
+        pools = Pools(connector=fake_connect)
+        policy = LeastLoaded(pools)
+        pools.set_members(Role.DECODE, ["a", "b"])
+        pools.set_members(Role.PREFILL, ["p"])
+        assert sorted(p.address for p in pools.decode) == ["a", "b"]
+        busy = pools.decode[0]
+        lease = pools.lease(busy, None, 5)
+        pools.set_members(Role.DECODE, ["c"] + [p.address for p in pools.decode
+                                                if p is not busy])
+        assert busy.leaving and busy not in pools.members  # gone from the pool at once...
+        for _ in range(4):
+            assert policy.pick_decode(ANY) is not busy  # ...so it gets no new request
+        pools.release(lease)  # its last request is over: its channel may close
+        assert sorted(p.address for p in pools.decode) == sorted({"a", "b", "c"} -
+                                                                 {busy.address})
+        pools.add(Role.DECODE, "c")  # idempotent
+        assert opened == ["a", "b", "p", "c"]
+        pools.remove("p")
+        assert policy.pick_prefill(ANY) is None
+
+    asyncio.run(main())
 
 
 @pytest.fixture(scope="module")

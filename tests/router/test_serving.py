@@ -16,10 +16,10 @@ import grpc
 import httpx
 import openai
 import pytest
-
-from engine.tokenizer import apply_chat_template, load_tokenizer
 from router_helpers import MODEL_NAME, RouterProcess, start_router
 from scripted_decode import Script, ScriptedPod
+
+from engine.tokenizer import apply_chat_template, load_tokenizer
 
 PROMPT = "Hello 你好, world. STOP now"
 ASCII = "The quick brown fox jumps over the lazy dog"
@@ -251,8 +251,8 @@ def test_chat_logprobs_shape(client) -> None:
 def test_client_disconnect_cancels_the_stream_on_the_pod(router, script) -> None:
     script.delay = 0.05
     before = len(script.requests)
-    with httpx.Client(base_url=router.url, timeout=10.0) as c:
-        with c.stream("POST", "/v1/completions", json={
+    with httpx.Client(base_url=router.url, timeout=10.0) as c, c.stream(
+            "POST", "/v1/completions", json={
                 "prompt": ASCII, "max_tokens": 500, "stream": True}) as r:
             lines = r.iter_lines()
             assert next(line for line in lines if line.startswith("data: "))
@@ -295,9 +295,9 @@ def test_pools_and_metrics_after_requests(http, script, client) -> None:
     assert pod["role"] == "decode" and pod["healthy"] is True
     assert (pod["free_blocks"], pod["total_blocks"], pod["running"]) == (100, 100, 0)
     text = http.get("/metrics").text
-    assert 'pdserve:request_success_total{finished_reason="length",model_name="tiny"}' in text
+    assert 'vllm:request_success_total{finished_reason="length",model_name="tiny"}' in text
     ttft_count = next(line for line in text.splitlines()
-                      if line.startswith("pdserve:time_to_first_token_seconds_count"))
+                      if line.startswith("vllm:time_to_first_token_seconds_count"))
     assert float(ttft_count.split()[-1]) >= 1
 
 

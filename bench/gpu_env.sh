@@ -1,0 +1,14 @@
+# Source this at the start of every GPU (device) call: it installs, once per machine, the
+# wheels carried under .whl/ (made by bench/gpu_wheels.sh) into /tmp/site -- kept while the
+# machine is held, so the 59 MB NIXL wheel can come in a call of its own -- and puts them
+# and this checkout on PYTHONPATH.
+for dir in .whl/*/; do
+  [ -d "$dir" ] || continue
+  stamp="/tmp/site/.installed-$(basename "$dir")"
+  [ -f "$stamp" ] && continue
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "$dir"*.whl && touch "$stamp"
+done
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+python3 -c "import torch; print('torch', torch.__version__, 'gpus', torch.cuda.device_count())"

@@ -1,0 +1,122 @@
+"""Decode tokens/s with a JSON schema against the same decode unconstrained.
+
+Runs the engine in-process (no servers): for each batch size, ``batch`` requests with
+random 32-token prompts are decoded for ``--max-tokens`` tokens at temperature 1 (seeded),
+once unconstrained (ignore_eos) and once constrained by a JSON schema that cannot be
+complete before ``--max-tokens`` (an object holding an array of at least 500 records of
+integer, string, enum and number fields), so both runs decode the same number of tokens.
+Only pure decode steps are timed (every sequence already has its first token); the
+grammar is compiled and the engine warmed up before timing. Grammar masks are filled on a
+worker thread while the forward runs (engine.structured_output), so what shows here is
+what that overlap does not hide. Runs on the CPU or on CUDA:
+
+    .venv/bin/python bench/structured_bench.py --model models/default [--device cuda]
+        [--dtype bfloat16] [--batches 1,32] [--max-tokens 128] [--repeat 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.llm_engine import EngineArgs, LLMEngine
+from engine.sampling_params import SamplingParams
+from engine.structured_spec import StructuredOutputSpec
+
+RECORD = {"type": "object",
+          "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 100000},
+                         "name": {"type": "string", "maxLength": 8},
+                         "kind": {"enum": ["alpha", "beta", "gamma"]},
+                         "score": {"type": "number"}},
+          "required": ["id", "name", "kind", "score"], "additionalProperties": False}
+SCHEMA = {"type": "object",
+          "properties": {"records": {"type": "array", "items": RECORD, "minItems": 500}},
+          "required": ["records"], "additionalProperties": False}
+
+
+def _run(engine: LLMEngine, batch: int, max_tokens: int, constrained: bool, tag: str
+         ) -> tuple[float, int, int]:
+    """Decode ``batch`` requests; returns (seconds in pure decode steps, tokens they made,
+    steps)."""
+    rng = random.Random(batch)
+    spec = StructuredOutputSpec.json_schema(SCHEMA) if constrained else None
+    vocab = engine.config.vocab_size
+    for i in range(batch):
+        params = SamplingParams(temperature=1.0, seed=i, max_tokens=max_tokens,
+                                ignore_eos=not constrained, structured_outputs=spec)
+        engine.add_request(f"{tag}-{i}", [rng.randrange(vocab) for _ in range(32)], params)
+    seconds, tokens, steps = 0.0, 0, 0
+    while engine.has_work():
+        decoding = all(s.num_output_tokens > 0 for s in engine.scheduler.running) \
+            and not engine.scheduler.waiting and len(engine.scheduler.running) == batch
+        if engine.runner.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        outputs = engine.step()
+        elapsed = time.perf_counter() - start
+        if decoding:
+            seconds += elapsed
+            steps += 1
+            tokens += sum(len(d.token_ids) for out in outputs for d in out.deltas)
+    return seconds, tokens, steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="models/default")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = LLMEngine(args.model, EngineArgs(device=args.device, dtype=args.dtype,
+                                              num_kv_blocks=4096, max_num_seqs=256))
+    where = torch.cuda.get_device_name() if args.device == "cuda" else \
+        f"cpu ({torch.get_num_threads()} threads)"
+    print(f"decode tokens/s, {args.model} on {where}, {args.dtype}, {args.max_tokens} tokens "
+          f"per sequence, median of {args.repeat}")
+    _run(engine, 2, 16, True, "warm-json")  # compiles the grammar, warms every path
+    _run(engine, 2, 16, False, "warm-free")
+    print("| batch | unconstrained tok/s | JSON schema tok/s | constrained / unconstrained "
+          "| step ms free / JSON | mask fill ms/step | engine waited ms/step "
+          "| advance ms/step |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    times = engine.structured.times
+    for batch in (int(b) for b in args.batches.split(",")):
+        rates: dict[bool, list[float]] = {False: [], True: []}
+        step_ms: dict[bool, list[float]] = {False: [], True: []}
+        spent = [0.0, 0.0, 0.0]  # fill, waited, advance over the constrained runs
+        json_steps = 0
+        for r in range(args.repeat):
+            for constrained in (False, True):
+                before = (times.fill, times.waited, times.advance)
+                seconds, tokens, steps = _run(engine, batch, args.max_tokens, constrained,
+                                              f"b{batch}-{r}-{constrained}")
+                rates[constrained].append(tokens / seconds)
+                step_ms[constrained].append(1e3 * seconds / max(steps, 1))
+                if constrained:  # (includes the few prefill steps: an upper bound)
+                    now = (times.fill, times.waited, times.advance)
+                    spent = [s + b - a for s, a, b in zip(spent, before, now, strict=True)]
+                    json_steps += steps
+        free, json_ = statistics.median(rates[False]), statistics.median(rates[True])
+        per = [1e3 * x / max(json_steps, 1) for x in spent]
+        print(f"| {batch} | {free:.0f} | {json_:.0f} | {json_ / free:.2f} "
+              f"| {statistics.median(step_ms[False]):.2f} / "
+              f"{statistics.median(step_ms[True]):.2f} "
+              f"| {per[0]:.2f} | {per[1]:.2f} | {per[2]:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,326 @@
+"""Grammar-constrained decoding: compiled grammars, one matcher per sequence, token bitmasks.
+
+Built on llguidance (Microsoft's grammar engine, also a vLLM backend): a spec compiles
+once into a *template* matcher (cached, LRU, bounded in time), and every constrained
+sequence owns a copy of it advanced by its output tokens (``Sequence.guide``). The matcher
+is made lazily from the tokens a sequence already has, which is what keeps constrained
+output exact wherever a token was sampled:
+- a prefill pod compiles the grammar and masks the first token like any engine;
+- a decode pod's sequence receives that first token through ``LLMEngine._append``; its
+  matcher is then built and advanced by it, so the second token is masked from the state
+  after the first (n > 1: each forked sequence builds its own from its own first token);
+- preemption by recompute keeps a sequence's output tokens, and with them its matcher
+  (were it dropped, it would be rebuilt from them).
+
+Per step, ``begin`` fills the bitmask rows of the sequences that will sample, on a worker
+thread (llguidance drops the GIL) while the forward runs; the sampler waits for it and
+applies it (engine.sampler.apply_bitmask). After a token is appended, ``advance`` moves
+the matcher on and says whether the grammar is complete (the sequence then stops).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.errors import InvalidRequestError
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
+from engine.structured_spec import StructuredOutputSpec
+
+log = logging.getLogger(__name__)
+
+COMPILE_TIMEOUT_S = 10.0
+MASK_TIMEOUT_S = 60.0
+CACHE_ENTRIES = 256
+
+
+class GrammarCompiler:
+    """Spec -> template matcher in its initial state, cached (LRU) and bounded in time.
+
+    Compiles run on a worker thread so that a pathological grammar costs at most
+    ``timeout_s`` of the caller's time; llguidance's own parser limits (lexer fuel,
+    grammar size) bound the work itself. Thread-safe (the router validates from threads).
+    """
+
+    def __init__(self, tokenizer_factory: Callable[[], Any], timeout_s: float = COMPILE_TIMEOUT_S,
+                 max_entries: int = CACHE_ENTRIES) -> None:
+        self._factory = tokenizer_factory
+        self._tokenizer: Any = None
+        self.timeout_s = timeout_s
+        self.max_entries = max_entries
+        self._cache: OrderedDict[StructuredOutputSpec, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
+        self.compiles = 0  # cache misses that compiled (for tests and metrics)
+
+    @property
+    def tokenizer(self) -> Any:
+        with self._lock:
+            if self._tokenizer is None:
+                self._tokenizer = self._factory()
+            return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tokenizer.vocab_size)
+
+    def compile(self, spec: StructuredOutputSpec) -> Any:
+        """The template matcher of ``spec``; InvalidRequestError (a 400) when it is invalid
+        or does not compile in time. Never advance the template: deep_copy it."""
+        with self._lock:
+            hit = self._cache.get(spec)
+            if hit is not None:
+                self._cache.move_to_end(spec)
+                return hit
+        grammar = spec.grammar_text()
+        tokenizer = self.tokenizer
+        future = self._pool.submit(_build_matcher, tokenizer, grammar)
+        try:
+            matcher = future.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            raise InvalidRequestError(
+                f"the {spec.kind.value} took longer than {self.timeout_s:g} s to compile; "
+                "simplify it", param="structured_outputs") from None
+        if matcher.is_error():
+            raise InvalidRequestError(f"invalid {_what(spec)}: {_first_line(matcher.get_error())}",
+                                      param="structured_outputs")
+        with self._lock:
+            self.compiles += 1
+            self._cache[spec] = matcher
+            while len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+        return matcher
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _fill(executor: Any, pairs: list[tuple[Any, int]], out: torch.Tensor) -> None:
+    """Fill row i of ``out`` (contiguous int32, host) from each (matcher, i), in parallel
+    on llguidance's threads without the GIL. (llguidance.torch wraps the same call, but
+    importing it sets up torch.compile, which costs seconds.)"""
+    assert out.dtype == torch.int32 and out.is_contiguous() and out.device.type == "cpu"
+    executor.unsafe_compute_mask_ptr(pairs, out.data_ptr(), out.shape[1] * 4, out.shape[0])
+
+
+def _build_matcher(tokenizer: Any, grammar: str) -> Any:
+    from llguidance import LLMatcher
+
+    return LLMatcher(tokenizer, grammar, log_level=0)
+
+
+def _what(spec: StructuredOutputSpec) -> str:
+    return {"json": "JSON schema", "json_object": "JSON object spec", "regex": "regex",
+            "choice": "choice", "grammar": "grammar"}[spec.kind.value]
+
+
+def _first_line(message: str) -> str:
+    lines = [line for line in message.strip().splitlines() if line.strip()]
+    return " ".join(lines[:4])[:500] if lines else "it does not compile"
+
+
+def llguidance_tokenizer(hf_tokenizer: Any, vocab_size: int, eos_ids: Seq[int]) -> Any:
+    """An llguidance tokenizer over a fast HF tokenizer whose masks cover the model's whole
+    vocabulary (padding rows of the LM head included: they are never allowed)."""
+    from llguidance.hf import from_tokenizer
+
+    n_vocab = max(vocab_size, len(hf_tokenizer))
+    return from_tokenizer(hf_tokenizer, n_vocab=n_vocab,
+                          eos_token=list(eos_ids) or None)
+
+
+def tokenizer_factory_for(model_dir: str | Path, vocab_size: int, eos_ids: Seq[int]
+                          ) -> Callable[[], Any]:
+    def make() -> Any:
+        from engine.tokenizer import load_tokenizer
+
+        return llguidance_tokenizer(load_tokenizer(model_dir), vocab_size, eos_ids)
+
+    return make
+
+
+@dataclass(slots=True)
+class MaskTimes:
+    """Where constrained decoding spends its time (seconds, cumulative): what
+    bench/structured_bench.py reports, to tell an exposed fill from a slow advance."""
+
+    fill: float = 0.0  # llguidance computing mask rows (on the worker thread)
+    waited: float = 0.0  # the engine thread blocked on a fill the forward did not hide
+    advance: float = 0.0  # matchers consuming the sampled tokens (engine thread)
+
+
+@dataclass(slots=True)
+class StepMasks:
+    """Bitmask rows of one step's constrained sequences, being filled on a worker thread.
+
+    Implements engine.sampler.TokenMasks."""
+
+    owner: StructuredOutputs
+    rows: dict[int, int]  # seq_id -> row of ``filled``
+    fresh: dict[str, int]  # request_id -> row of a sequence with no output yet (its forks)
+    filled: torch.Tensor  # [rows, words] int32, host
+    job: Future
+
+    def wait(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.job.result(timeout=MASK_TIMEOUT_S)
+        except FutureTimeout:
+            raise RuntimeError(f"grammar masks took longer than {MASK_TIMEOUT_S} s") from None
+        finally:
+            self.owner.times.waited += time.perf_counter() - t0
+
+    def bitmask(self, seqs: Seq[Sequence], device: torch.device) -> torch.Tensor | None:
+        self.wait()
+        dst: list[int] = []
+        src: list[int] = []
+        late: list[tuple[int, Sequence]] = []
+        for i, seq in enumerate(seqs):
+            if seq.params.structured_outputs is None:
+                continue
+            row = self.rows.get(seq.seq_id)
+            if row is None and seq.num_output_tokens == 0:
+                row = self.fresh.get(seq.request_id)
+            if row is None:
+                late.append((i, seq))  # not planned by begin(): fill it now
+            else:
+                dst.append(i)
+                src.append(row)
+        if not dst and not late:
+            return None
+        if not late and dst == src and len(dst) == len(seqs) == self.filled.shape[0]:
+            # every row sampled is constrained and planned in this order (the common
+            # case): the pinned rows go to the device as they are, asynchronously
+            return self.filled.to(device, non_blocking=True)
+        words = self.filled.shape[1]
+        out = torch.full((len(seqs), words), -1, dtype=torch.int32,
+                         pin_memory=self.filled.is_pinned())
+        if dst:
+            out[torch.tensor(dst)] = self.filled[torch.tensor(src)]
+        if late:
+            extra = self.owner.fill([s for _, s in late], words)
+            out[torch.tensor([i for i, _ in late])] = extra
+        return out.to(device, non_blocking=True)
+
+
+class StructuredOutputs:
+    """The engine's side of constrained decoding: check specs, mask steps, advance."""
+
+    def __init__(self, compiler: GrammarCompiler) -> None:
+        self.compiler = compiler
+        self._pool: ThreadPoolExecutor | None = None
+        self._executor: Any = None  # llguidance.LLExecutor, made on first use
+        self._last: StepMasks | None = None
+        self.times = MaskTimes()
+
+    @classmethod
+    def for_model(cls, model_dir: str | Path, vocab_size: int, eos_ids: Seq[int],
+                  timeout_s: float = COMPILE_TIMEOUT_S) -> StructuredOutputs:
+        """Nothing is loaded until the first constrained request arrives."""
+        return cls(GrammarCompiler(tokenizer_factory_for(model_dir, vocab_size, eos_ids),
+                                   timeout_s))
+
+    def check(self, params: SamplingParams) -> None:
+        """Compile (or find cached) the request's grammar; InvalidRequestError if bad."""
+        if params.structured_outputs is not None:
+            self.compiler.compile(params.structured_outputs)
+
+    def matcher(self, seq: Sequence) -> Any:
+        """The sequence's matcher, built from its output tokens if it has none yet."""
+        if seq.guide is None:
+            spec = seq.params.structured_outputs
+            assert spec is not None
+            guide = self.compiler.compile(spec).deep_copy()
+            if seq.num_output_tokens:
+                guide.consume_tokens(seq.output_token_ids)
+            seq.guide = guide
+        return seq.guide
+
+    def fill(self, seqs: Seq[Sequence], words: int | None = None) -> torch.Tensor:
+        """Bitmask rows for ``seqs`` now, on this thread ([len(seqs), words] int32)."""
+        words = words or (self.compiler.vocab_size + 31) // 32
+        out = torch.full((len(seqs), words), -1, dtype=torch.int32)
+        if seqs:
+            _fill(self._ll_executor(), [(self.matcher(s), i) for i, s in enumerate(seqs)], out)
+        return out
+
+    def _ll_executor(self) -> Any:
+        if self._executor is None:
+            from llguidance import LLExecutor
+
+            self._executor = LLExecutor()
+        return self._executor
+
+    def begin(self, seqs: Seq[Sequence], num_new_tokens: Seq[int]) -> StepMasks | None:
+        """Start filling the masks of the constrained sequences that sample this step
+        (those whose known tokens all get computed); None when there are none."""
+        planned = [s for s, n in zip(seqs, num_new_tokens, strict=True)
+                   if s.params.structured_outputs is not None
+                   and s.num_computed_tokens + n == s.num_tokens]
+        if self._last is not None:  # never two fills over the same matchers at once
+            self._last.job.cancel()
+            try:
+                self._last.job.result(timeout=MASK_TIMEOUT_S)
+            except Exception:  # the step that used it reported the error
+                log.debug("an earlier bitmask fill failed", exc_info=True)
+            self._last = None
+        if not planned:
+            return None
+        for seq in planned:
+            self.matcher(seq)  # built here, on the engine thread
+        words = (self.compiler.vocab_size + 31) // 32
+        filled = torch.full((len(planned), words), -1, dtype=torch.int32,
+                            pin_memory=torch.cuda.is_available())
+        pairs = [(s.guide, i) for i, s in enumerate(planned)]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bitmask")
+        job = self._pool.submit(self._timed_fill, pairs, filled)
+        fresh = {s.request_id: i for i, s in enumerate(planned) if s.num_output_tokens == 0}
+        self._last = StepMasks(self, {s.seq_id: i for i, s in enumerate(planned)}, fresh,
+                               filled, job)
+        return self._last
+
+    def _timed_fill(self, pairs: list[tuple[Any, int]], out: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        _fill(self._ll_executor(), pairs, out)
+        self.times.fill += time.perf_counter() - t0
+
+    def advance(self, seq: Sequence, token: int) -> bool:
+        """After ``token`` was appended to a sequence: move its matcher on. True when the
+        grammar is complete (or broken), i.e. the sequence must stop here."""
+        if seq.params.structured_outputs is None:
+            return False
+        t0 = time.perf_counter()
+        try:
+            return self._advance(seq, token)
+        finally:
+            self.times.advance += time.perf_counter() - t0
+
+    def _advance(self, seq: Sequence, token: int) -> bool:
+        if seq.guide is None:
+            guide = self.matcher(seq)  # consumed every output token, this one included
+        else:
+            guide = seq.guide
+            guide.consume_token(token)
+        if guide.is_error():
+            log.warning("request %s sequence %d left its grammar: %s", seq.request_id,
+                        seq.index, _first_line(guide.get_error()))
+            return True
+        return bool(guide.is_stopped())
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self.compiler.close()

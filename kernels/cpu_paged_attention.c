@@ -1,0 +1,374 @@
+/* Paged attention for CPU serving, decode (one query token per sequence) and prefill (a
+ * sequence's new tokens): K/V read straight from the paged cache (no gather copy), float32
+ * math, bf16 or float32 storage. At the end, the grammar mask for the sampler's logits.
+ *
+ * kernels/cpu_native.py compiles this file once per machine (cc -O3 -march=native
+ * -fopenmp-simd) and calls it through ctypes, which drops the GIL for the call. The
+ * references they are tested against are kernels.reference.paged_decode_attention and
+ * paged_prefill_attention.
+ *
+ * Layout (engine/kv_layout.py): k_cache and v_cache are [num_blocks, block_size, Hk, D]
+ * (the two halves of the [2, ...] cache); token t of sequence i sits in block
+ * tables[i * table_stride + t / block_size], row t % block_size. Query head h reads KV
+ * head h / (Hq / Hk) (grouped-query attention; MHA and MQA are the two ends).
+ *
+ * Per sequence: pass 1 reads each token's K row once (all KV heads, contiguous) and scores
+ * every query head; pass 2 is the softmax per query head; pass 3 reads each V row once and
+ * accumulates every query head. Scores live in a [Hq, context rounded up to 16] float32
+ * scratch. Rows are
+ * handled 16 floats at a time with GCC/Clang vector extensions (one AVX-512 register, two
+ * AVX2 ones; the compiler lowers them to what -march=native has), and the head size is a
+ * compile-time constant for 64, 128 and 32-wide heads (the accumulators then stay in
+ * registers); other multiples of 16 take a loop over the row, anything else is refused and
+ * the caller falls back to torch.
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t x) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)x << 16;
+    return v.f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    union { uint32_t u; float f; } v;
+    v.f = f;
+    if (isnan(f)) return (uint16_t)((v.u >> 16) | 0x40);  /* stays a NaN */
+    v.u += 0x7FFFu + ((v.u >> 16) & 1u);                    /* round to nearest even */
+    return (uint16_t)(v.u >> 16);
+}
+
+/* The cache slot of token t: its block's first slot plus its row in the block. Pass 1 calls
+ * it per token (the divisions are cheap beside a K row); pass 3 walks blocks instead, as it
+ * runs once per query head. */
+static inline int64_t slot_of(const int32_t *table, int t, int block_size) {
+    return (int64_t)table[t / block_size] * block_size + t % block_size;
+}
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+static inline v16 load16(const void *base, int64_t offset, int is_bf16) {
+    v16 out;
+    if (is_bf16) {
+        u16x16 raw;
+        memcpy(&raw, (const uint16_t *)base + offset, sizeof raw);
+        u32x16 wide = __builtin_convertvector(raw, u32x16) << 16;
+        memcpy(&out, &wide, sizeof out);
+    } else {
+        memcpy(&out, (const float *)base + offset, sizeof out);
+    }
+    return out;
+}
+
+static inline float hsum16(v16 x) {
+    v8 a = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7)
+         + __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+    v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+static inline v16 vmax16(v16 a, v16 b) {  /* (C has no vector ?:, so a bitwise blend) */
+    i32x16 m = a > b;
+    return (v16)((m & (i32x16)a) | (~m & (i32x16)b));
+}
+
+/* exp(x) on 16 lanes for x <= 0 (scores minus their maximum): 2^(x log2 e) split into the
+ * nearest integer power (exponent bits) and a fraction f in [-1/2, 1/2] (Taylor series of
+ * 2^f to degree 7: relative error below 1e-8 before float rounding). Inputs below -87
+ * count as -87 (the caller zeroes the keys a row must not see). Written in vector types:
+ * a scalar version with floorf and a union kept GCC from vectorizing the loop around it. */
+static inline v16 exp16(v16 x) {
+    x = vmax16(x, (v16){0} - 87.0f);
+    v16 t = x * 1.44269504088896341f;
+    v16 n = (t + 12582912.0f) - 12582912.0f;  /* round to nearest: 1.5 * 2^23 */
+    v16 f = t - n;
+    v16 p = (v16){0} + 1.5252733804059838e-05f;
+    p = p * f + 1.5403530393381606e-04f;
+    p = p * f + 1.3333558146428441e-03f;
+    p = p * f + 9.618129107628477e-03f;
+    p = p * f + 5.5504108664821576e-02f;
+    p = p * f + 2.402265069591007e-01f;
+    p = p * f + 6.931471805599453e-01f;
+    p = p * f + 1.0f;
+    i32x16 e = (__builtin_convertvector(n, i32x16) + 127) << 23;
+    v16 scale;
+    memcpy(&scale, &e, sizeof scale);
+    return p * scale;
+}
+
+static inline float hmax16(v16 x) {
+    float m = x[0];
+    for (int j = 1; j < 16; j++) m = x[j] > m ? x[j] : m;
+    return m;
+}
+
+/* Softmax of sr[0 .. len) in place, zeros in [len, padded): keys the row does not see. */
+static void softmax_row(float *sr, int len, int padded) {
+    const i32x16 lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    for (int t = len; t < padded; t++) sr[t] = -INFINITY;
+    v16 m16 = (v16){0} - INFINITY;
+    for (int t0 = 0; t0 < padded; t0 += 16) {
+        v16 x;
+        memcpy(&x, sr + t0, sizeof x);
+        m16 = vmax16(x, m16);
+    }
+    const float m = hmax16(m16);
+    v16 sum16 = {0};
+    for (int t0 = 0; t0 < padded; t0 += 16) {
+        v16 x;
+        memcpy(&x, sr + t0, sizeof x);
+        x = exp16(x - m);
+        /* exp16 clamps at -87: the unseen keys get exactly zero, not 1e-38 */
+        const i32x16 seen = lanes + t0 < len;
+        x = (v16)((i32x16)x & seen);
+        sum16 += x;
+        memcpy(sr + t0, &x, sizeof x);
+    }
+    const float inv = 1.0f / hsum16(sum16);
+    for (int t0 = 0; t0 < padded; t0 += 16) {
+        v16 x;
+        memcpy(&x, sr + t0, sizeof x);
+        x *= inv;
+        memcpy(sr + t0, &x, sizeof x);
+    }
+}
+
+/* One sequence. q: [Hq][D] floats, pre-scaled; acc: [Hq][D] floats, the result. */
+#define ATTEND_ONE(NAME, D_CONST)                                                             \
+static void NAME(const float *q, const void *k_cache, const void *v_cache,                  \
+                 const int32_t *table, int n, int num_heads, int num_kv_heads, int dim,     \
+                 int block_size, int is_bf16, float *scores, float *acc) {                  \
+    const int D = D_CONST ? D_CONST : dim;                                                  \
+    const int chunks = D / 16, group = num_heads / num_kv_heads;                            \
+    const int64_t row = (int64_t)num_kv_heads * D;                                          \
+    const int padded = (n + 15) / 16 * 16;  /* each head's row of scores */                 \
+    for (int t = 0; t < n; t++) {                                                           \
+        const int64_t at = slot_of(table, t, block_size) * row;                             \
+        for (int kh = 0; kh < num_kv_heads; kh++) {                                         \
+            v16 k[D_CONST ? D_CONST / 16 : 16];                                             \
+            for (int c = 0; c < chunks; c++) k[c] = load16(k_cache, at + kh * D + c * 16,   \
+                                                           is_bf16);                        \
+            for (int g = 0; g < group; g++) {                                               \
+                const int h = kh * group + g;                                               \
+                v16 s = {0};                                                                \
+                for (int c = 0; c < chunks; c++) {                                          \
+                    v16 qc;                                                                 \
+                    memcpy(&qc, q + h * D + c * 16, sizeof qc);                             \
+                    s += qc * k[c];                                                         \
+                }                                                                           \
+                scores[(int64_t)h * padded + t] = hsum16(s);                                \
+            }                                                                               \
+        }                                                                                   \
+    }                                                                                       \
+    for (int h = 0; h < num_heads; h++)                                                     \
+        softmax_row(scores + (int64_t)h * padded, n, padded);                               \
+    for (int h0 = 0; h0 < num_heads; h0 += group) {                                         \
+        const int kh = h0 / group;                                                          \
+        for (int g = 0; g < group; g++) {                                                   \
+            const int h = h0 + g;                                                           \
+            v16 a[D_CONST ? D_CONST / 16 : 16];                                             \
+            for (int c = 0; c < chunks; c++) a[c] = (v16){0};                               \
+            const float *p = scores + (int64_t)h * padded;                                  \
+            for (int t0 = 0; t0 < n; t0 += block_size) {                                    \
+                const int end = n - t0 < block_size ? n : t0 + block_size;                  \
+                int64_t at = (int64_t)table[t0 / block_size] * block_size * row + kh * D;   \
+                for (int t = t0; t < end; t++, at += row)                                   \
+                    for (int c = 0; c < chunks; c++)                                        \
+                        a[c] += p[t] * load16(v_cache, at + c * 16, is_bf16);               \
+            }                                                                               \
+            memcpy(acc + h * D, a, (size_t)D * sizeof(float));                              \
+        }                                                                                   \
+    }                                                                                       \
+}
+
+ATTEND_ONE(attend_d32, 32)
+ATTEND_ONE(attend_d64, 64)
+ATTEND_ONE(attend_d128, 128)
+ATTEND_ONE(attend_any, 0)
+
+/* Returns 0; -1 when scratch memory could not be had; -2 for a head size it does not
+ * handle (a multiple of 16 up to 256). */
+int paged_decode_attention(const void *q, const void *k_cache, const void *v_cache,
+                           const int32_t *tables, int table_stride, const int32_t *context,
+                           int num_seqs, int num_heads, int num_kv_heads, int head_dim,
+                           int block_size, float scale, int is_bf16, void *out) {
+    if (head_dim % 16 != 0 || head_dim > 256) return -2;
+    int max_context = 1;
+    for (int i = 0; i < num_seqs; i++)
+        if (context[i] > max_context) max_context = context[i];
+    const int width = num_heads * head_dim;
+    float *scores = malloc((size_t)num_heads * ((max_context + 15) / 16 * 16) * sizeof(float));
+    float *qf = malloc((size_t)width * sizeof(float));
+    float *acc = malloc((size_t)width * sizeof(float));
+    if (!scores || !qf || !acc) {
+        free(scores); free(qf); free(acc);
+        return -1;
+    }
+    for (int i = 0; i < num_seqs; i++) {
+        const int64_t base = (int64_t)i * width;
+        for (int j = 0; j < width; j++)
+            qf[j] = scale * (is_bf16 ? bf16_to_f32(((const uint16_t *)q)[base + j])
+                                     : ((const float *)q)[base + j]);
+        const int32_t *table = tables + (int64_t)i * table_stride;
+        void (*attend)(const float *, const void *, const void *, const int32_t *, int, int,
+                       int, int, int, int, float *, float *) =
+            head_dim == 32 ? attend_d32 : head_dim == 64 ? attend_d64
+            : head_dim == 128 ? attend_d128 : attend_any;
+        if (context[i] > 0)
+            attend(qf, k_cache, v_cache, table, context[i], num_heads, num_kv_heads, head_dim,
+                   block_size, is_bf16, scores, acc);
+        else
+            memset(acc, 0, (size_t)width * sizeof(float));
+        if (is_bf16) {
+            uint16_t *o = (uint16_t *)out + base;
+            for (int j = 0; j < width; j++) o[j] = f32_to_bf16(acc[j]);
+        } else {
+            memcpy((float *)out + base, acc, (size_t)width * sizeof(float));
+        }
+    }
+    free(scores); free(qf); free(acc);
+    return 0;
+}
+
+/* ---- prefill: the new tokens of one sequence, causal over everything cached before ----
+ *
+ * Query i of the n new tokens sits at position context - n + i and attends keys
+ * 0 ..= that position, all read from the paged cache (the step wrote its own K/V there
+ * first). Per KV head, K is transposed once into floats [D][keys] and V converted into
+ * [keys][D], so the hot loops are vectorized over 16 keys (scores) or 16 head elements
+ * (values). Rows (query, query head of the group) go in tiles of TILE: each K vector and
+ * V row loaded serves every row of the tile, whose accumulators stay in registers (a
+ * partial last tile computes zero rows and drops them). */
+#define TILE 8
+
+#define PREFILL_TILE(NAME, D_CONST)                                                           \
+static void NAME(const float *qr, const float *kt, const float *vf, float *sc, int padded,  \
+                 const int *len, int dim, float *res) {                                     \
+    const int D = D_CONST ? D_CONST : dim, chunks = D / 16;                                 \
+    int lmax = 0;                                                                           \
+    for (int r = 0; r < TILE; r++) lmax = len[r] > lmax ? len[r] : lmax;                    \
+    const int span = (lmax + 15) / 16 * 16;                                                 \
+    for (int t0 = 0; t0 < span; t0 += 16) {  /* scores, 16 keys at a time */                \
+        v16 s[TILE];                                                                        \
+        for (int r = 0; r < TILE; r++) s[r] = (v16){0};                                     \
+        for (int j = 0; j < D; j++) {                                                       \
+            v16 k;                                                                          \
+            memcpy(&k, kt + (int64_t)j * padded + t0, sizeof k);                            \
+            for (int r = 0; r < TILE; r++) s[r] += qr[r * D + j] * k;                       \
+        }                                                                                   \
+        for (int r = 0; r < TILE; r++) memcpy(sc + (int64_t)r * padded + t0, &s[r], 64);    \
+    }                                                                                       \
+    for (int r = 0; r < TILE; r++) softmax_row(sc + (int64_t)r * padded, len[r], span);     \
+    v16 acc[TILE][D_CONST ? D_CONST / 16 : 16];                                             \
+    for (int r = 0; r < TILE; r++)                                                          \
+        for (int c = 0; c < chunks; c++) acc[r][c] = (v16){0};                              \
+    for (int t = 0; t < lmax; t++) {  /* values: each row of V loaded once per tile */      \
+        float p[TILE];                                                                      \
+        for (int r = 0; r < TILE; r++) p[r] = sc[(int64_t)r * padded + t];                  \
+        for (int c = 0; c < chunks; c++) {                                                  \
+            v16 v;                                                                          \
+            memcpy(&v, vf + (int64_t)t * D + c * 16, sizeof v);                             \
+            for (int r = 0; r < TILE; r++) acc[r][c] += p[r] * v;                           \
+        }                                                                                   \
+    }                                                                                       \
+    for (int r = 0; r < TILE; r++)                                                          \
+        for (int c = 0; c < chunks; c++) memcpy(res + r * D + c * 16, &acc[r][c], 64);      \
+}
+
+PREFILL_TILE(prefill_tile_d32, 32)
+PREFILL_TILE(prefill_tile_d64, 64)
+PREFILL_TILE(prefill_tile_d128, 128)
+PREFILL_TILE(prefill_tile_any, 0)
+
+int paged_prefill_attention(const void *q, int64_t q_stride, const void *k_cache,
+                            const void *v_cache, const int32_t *table, int context,
+                            int num_new, int num_heads, int num_kv_heads, int head_dim,
+                            int block_size, float scale, int is_bf16, void *out,
+                            int64_t out_stride) {
+    if (head_dim % 16 != 0 || head_dim > 256) return -2;
+    if (num_new <= 0) return 0;
+    const int D = head_dim, chunks = D / 16, group = num_heads / num_kv_heads;
+    const int padded = (context + 15) / 16 * 16;
+    const int64_t row = (int64_t)num_kv_heads * D;
+    float *kt = calloc((size_t)D * padded, sizeof(float));
+    float *vf = calloc((size_t)padded * D, sizeof(float));
+    float *sc = malloc((size_t)TILE * padded * sizeof(float));
+    float *qr = malloc((size_t)TILE * D * sizeof(float));
+    float *res = malloc((size_t)TILE * D * sizeof(float));
+    if (!kt || !vf || !sc || !qr || !res) {
+        free(kt); free(vf); free(sc); free(qr); free(res);
+        return -1;
+    }
+    void (*tile_fn)(const float *, const float *, const float *, float *, int, const int *,
+                    int, float *) =
+        D == 32 ? prefill_tile_d32 : D == 64 ? prefill_tile_d64
+        : D == 128 ? prefill_tile_d128 : prefill_tile_any;
+    const int first = context - num_new;  /* position of the first new token */
+    const int rows = num_new * group;
+    for (int kh = 0; kh < num_kv_heads; kh++) {
+        for (int t = 0; t < context; t++) {
+            const int64_t at = slot_of(table, t, block_size) * row + kh * D;
+            for (int c = 0; c < chunks; c++) {
+                v16 k = load16(k_cache, at + c * 16, is_bf16);
+                v16 v = load16(v_cache, at + c * 16, is_bf16);
+                for (int j = 0; j < 16; j++) kt[(int64_t)(c * 16 + j) * padded + t] = k[j];
+                memcpy(vf + (int64_t)t * D + c * 16, &v, sizeof v);
+            }
+        }
+        for (int r0 = 0; r0 < rows; r0 += TILE) {  /* row r: query r / group, head g */
+            int len[TILE];
+            for (int r = 0; r < TILE; r++) {
+                if (r0 + r >= rows) {  /* padding row: no keys, zero query */
+                    len[r] = 0;
+                    memset(qr + r * D, 0, (size_t)D * sizeof(float));
+                    continue;
+                }
+                const int i = (r0 + r) / group, h = kh * group + (r0 + r) % group;
+                len[r] = first + i + 1;
+                const int64_t at = (int64_t)i * q_stride + (int64_t)h * D;
+                for (int j = 0; j < D; j++)
+                    qr[r * D + j] = scale * (is_bf16 ? bf16_to_f32(((const uint16_t *)q)[at + j])
+                                                     : ((const float *)q)[at + j]);
+            }
+            tile_fn(qr, kt, vf, sc, padded, len, D, res);
+            for (int r = 0; r < TILE && r0 + r < rows; r++) {
+                const int i = (r0 + r) / group, h = kh * group + (r0 + r) % group;
+                const int64_t at = (int64_t)i * out_stride + (int64_t)h * D;
+                for (int j = 0; j < D; j++) {
+                    if (is_bf16) ((uint16_t *)out)[at + j] = f32_to_bf16(res[r * D + j]);
+                    else ((float *)out)[at + j] = res[r * D + j];
+                }
+            }
+        }
+    }
+    free(kt); free(vf); free(sc); free(qr); free(res);
+    return 0;
+}
+
+/* ---- the grammar mask: -inf in each row's tokens whose bit is clear ----
+ * (llguidance's layout: token t is bit t % 32 of word t / 32). The sampler's logits are
+ * float32; words with every bit set (the common case inside strings) are skipped. */
+void apply_token_bitmask(float *logits, int64_t logits_stride, const int32_t *mask,
+                         int64_t mask_stride, int batch, int vocab) {
+    for (int b = 0; b < batch; b++) {
+        float *row = logits + (int64_t)b * logits_stride;
+        const int32_t *words = mask + (int64_t)b * mask_stride;
+        for (int w = 0; w * 32 < vocab; w++) {
+            const uint32_t m = (uint32_t)words[w];
+            if (m == 0xFFFFFFFFu) continue;
+            const int end = vocab - w * 32 < 32 ? vocab - w * 32 : 32;
+            for (int j = 0; j < end; j++)
+                if (!((m >> j) & 1u)) row[w * 32 + j] = -INFINITY;
+        }
+    }
+}

@@ -1,0 +1,147 @@
+"""One NCCL link: a 2-rank communicator between a prefill pod's GPU (rank 0, sends) and a
+decode pod's GPU (rank 1, receives), through nccl4py.
+
+Created non-blocking, so nothing waits on NCCL without a bound: init and every posted
+operation are polled (``ncclInProgress``) until done or a deadline, and ``abort`` (which
+NCCL needs to notice a dead peer at all: a receive from a killed process never returns by
+itself) ends whatever is in flight and unblocks a thread stuck on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from engine.errors import KVTransferError
+
+log = logging.getLogger(__name__)
+IN_PROGRESS = 7  # ncclInProgress
+SENDER_RANK, RECEIVER_RANK = 0, 1
+
+
+def nccl_missing(device: str) -> str | None:
+    """Why the nccl connector cannot run for KV on ``device`` here, or None."""
+    if device != "cuda":
+        return "it moves GPU memory only (KV on the CPU: use tcp or ucx)"
+    try:
+        import nccl.core  # noqa: F401
+    except ImportError as exc:
+        return f"nccl4py is not installed ({exc}); `pip install nccl4py==0.6.0`"
+    return None
+
+
+def new_unique_id() -> bytes:
+    import nccl.core as nccl
+
+    return bytes(nccl.get_unique_id().as_bytes)
+
+
+def _status(exc: BaseException) -> int | None:
+    for name in ("status", "code", "result"):
+        value = getattr(exc, name, None)
+        if isinstance(value, int):
+            return value
+    return IN_PROGRESS if "InProgress" in str(exc) or "in progress" in str(exc) else None
+
+
+class Link:
+    def __init__(self, unique_id: bytes, rank: int, device: torch.device,
+                 timeout_s: float) -> None:
+        import nccl.core as nccl
+
+        self.rank = rank
+        self.peer = RECEIVER_RANK if rank == SENDER_RANK else SENDER_RANK
+        self.device = device
+        self.timeout_s = timeout_s
+        self.stream = torch.cuda.Stream(device)
+        self._lock = threading.Lock()
+        self._aborted = False
+        self.error = ""
+        with torch.cuda.device(device):
+            self.comm = nccl.Communicator.init(
+                2, rank, nccl.UniqueId.from_bytes(unique_id),
+                config=nccl.NCCLConfig(blocking=False))
+        self._ready = False
+
+    def wait_ready(self) -> None:
+        """Poll the non-blocking init until it is done (both ranks joined)."""
+        if self._ready:
+            return
+        self._poll("communicator init")
+        self._ready = True
+
+    def _poll(self, what: str) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            if self._aborted:
+                raise KVTransferError(f"NCCL link aborted during {what}: {self.error}")
+            state = int(self.comm.get_async_error())
+            if state == 0:
+                return
+            if state != IN_PROGRESS:
+                self.abort(f"NCCL error {state} during {what}")
+                raise KVTransferError(f"NCCL error {state} during {what}")
+            if time.monotonic() > deadline:
+                self.abort(f"{what} not done within {self.timeout_s:g}s")
+                raise KVTransferError(f"NCCL {what} not done within {self.timeout_s:g}s")
+            time.sleep(0.0005)
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> None:
+        """Post one operation, then wait until NCCL has enqueued it: a non-blocking
+        communicator may still be enqueueing (ncclInProgress), and until it is done nothing
+        else may be issued on its stream -- a copy issued early would run before the
+        receive it is meant to follow."""
+        try:
+            fn()
+        except Exception as exc:
+            if _status(exc) != IN_PROGRESS:
+                self.abort(f"{what}: {exc}")
+                raise KVTransferError(f"NCCL {what} failed: {exc}") from None
+        self._poll(what)
+
+    def send(self, tensor: torch.Tensor) -> None:
+        """Enqueue a send of ``tensor`` (bytes) on this link's stream."""
+        self.wait_ready()
+        self._call("send", lambda: self.comm.send(tensor, self.peer,
+                                                  stream=self.stream.cuda_stream))
+
+    def recv(self, tensor: torch.Tensor) -> None:
+        self.wait_ready()
+        self._call("recv", lambda: self.comm.recv(tensor, self.peer,
+                                                  stream=self.stream.cuda_stream))
+
+    def synchronize(self, what: str) -> None:
+        """Wait for this link's stream, bounded: a peer that stopped leaves it pending
+        forever, so past the deadline the communicator is aborted (which ends it)."""
+        done = torch.cuda.Event()
+        done.record(self.stream)
+        deadline = time.monotonic() + self.timeout_s
+        while not done.query():
+            if self._aborted:
+                raise KVTransferError(f"NCCL link aborted during {what}: {self.error}")
+            if time.monotonic() > deadline:
+                self.abort(f"{what} not done within {self.timeout_s:g}s")
+                raise KVTransferError(f"NCCL {what} not done within {self.timeout_s:g}s")
+            time.sleep(0.0001)
+
+    @property
+    def aborted(self) -> bool:
+        return self._aborted
+
+    def abort(self, why: str) -> None:
+        """End the communicator and everything in flight on it (idempotent)."""
+        with self._lock:
+            if self._aborted:
+                return
+            self._aborted = True
+            self.error = why
+        log.warning("aborting an NCCL link (rank %d): %s", self.rank, why)
+        try:
+            self.comm.abort()
+        except Exception:
+            log.exception("ncclCommAbort failed")

@@ -1,0 +1,317 @@
+"""The prefill side of the ``ucx`` backend: one-sided NIXL WRITEs from this pod's blocks
+into a decode pod's reserved blocks, layer by layer (protocol.py describes the exchange).
+
+``layer_written`` only queues (engine thread). On the agent's loop thread a layer is posted
+once the receiver has let the transfer in and, on CUDA, once the layer's ready event has
+fired: one WRITE per layer whose descriptors are the runs of consecutive blocks on both
+sides (a fresh pool's blocks come in long runs: a few descriptors per layer), carrying the
+``D`` notification NIXL delivers after the data. Nothing goes through host memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.errors import KVTransferError, LayoutMismatchError
+from engine.kv_layout import KVMemory
+from kv_transfer.backends.ucx.agent import AgentLoop
+from kv_transfer.backends.ucx.protocol import Notif, PeerInfo, layer_descs, runs
+from kv_transfer.connector import (
+    ConnectorConfig,
+    KVSender,
+    KVTargetSpec,
+    Outcome,
+    SendHandle,
+    TransferStats,
+    check_layout,
+    check_target,
+    now,
+)
+from kv_transfer.wire import Status, error_for_status
+
+log = logging.getLogger(__name__)
+_GIVE_UP_S = 2.0
+
+
+@dataclass(slots=True)
+class _Layer:
+    layer: int
+    src: list[int]
+    ready: Any | None  # a CUDA event, or None when the write is already complete
+    written: float = field(default_factory=now)  # when the forward reported it
+
+
+@dataclass(slots=True)
+class _State:
+    """A handle's state on the loop thread."""
+
+    peer: PeerInfo | None = None
+    granted: bool = False
+    queued: list[_Layer] = field(default_factory=list)
+    in_flight: dict[int, Any] = field(default_factory=dict)  # layer -> NIXL xfer handle
+    quiet_sent: bool = False
+    failed_at: float | None = None  # when the transfer failed with WRITEs in flight
+    last_ready: float = 0.0  # when the latest layer was seen written (its event fired)
+
+
+class UcxSendHandle(SendHandle):
+    def __init__(self, sender: UcxSender, target: KVTargetSpec) -> None:
+        self.sender = sender
+        self.target = target
+        layout = sender.memory.layout
+        self.num_layers = layout.num_layers
+        self.num_blocks = len(target.block_ids)
+        self.outcome = Outcome()
+        self._lock = threading.Lock()
+        self._written = bytearray(self.num_layers)
+        self._num_written = 0
+        self._closed = False
+        self._idle = threading.Event()  # no WRITE of ours is in flight (loop thread sets it)
+        self._idle.set()
+        self._started = now()
+        self.state = _State()
+
+    @property
+    def transfer_id(self) -> str:
+        return self.target.transfer_id
+
+    def layer_written(self, layer: int, block_ids: Sequence[int], ready: Any | None) -> None:
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} outside 0..{self.num_layers - 1}")
+        if len(block_ids) != self.num_blocks:
+            raise ValueError(f"{len(block_ids)} blocks written, the target has "
+                             f"{self.num_blocks}")
+        with self._lock:
+            if self._closed:
+                raise ValueError("layer_written() after wait() or cancel()")
+            if self._written[layer]:
+                raise ValueError(f"layer {layer} sent twice")
+            self._written[layer] = 1
+            self._num_written += 1
+            if self.outcome.done():
+                return
+            self._idle.clear()
+        item = _Layer(layer, list(block_ids), ready)
+        self.sender._loop.call(lambda: self.sender._queue(self, item))
+
+    def finished(self) -> bool:
+        return self.outcome.done() and self._idle.is_set()
+
+    def cancel(self) -> None:
+        self._abort(Status.ABORTED, "the sender aborted the transfer")
+
+    def _close(self) -> None:
+        with self._lock:
+            self._closed = True
+            written = self._num_written
+        if written != self.num_layers:
+            self._abort(Status.ABORTED, f"the forward wrote {written} of {self.num_layers} "
+                                        f"layers")
+
+    def wait(self, timeout: float) -> TransferStats:
+        self._close()
+        if not self.outcome.wait_done(timeout):
+            self._abort(Status.ABORTED, f"not acknowledged within {timeout:g}s")
+        return self.outcome.result()
+
+    async def wait_async(self, timeout: float) -> TransferStats:
+        self._close()
+        if not await self.outcome.wait_done_async(timeout):
+            self._abort(Status.ABORTED, f"not acknowledged within {timeout:g}s")
+        return self.outcome.result()
+
+    def _abort(self, status: Status, reason: str) -> None:
+        with self._lock:
+            self._closed = True
+        error = error_for_status(status, f"KV transfer {self.transfer_id!r} to "
+                                         f"{self.target.address}: {reason}")
+        if self.outcome.resolve(error=error):
+            self.sender._loop.call(lambda: self.sender._aborted(self, status, reason))
+
+
+class UcxSender(KVSender):
+    def __init__(self, memory: KVMemory, config: ConnectorConfig) -> None:
+        super().__init__(memory, config)
+        self._peers: dict[str, PeerInfo] = {}  # by agent name (a KVTarget's address)
+        self._handles: dict[tuple[str, str], UcxSendHandle] = {}  # loop thread only
+        self._closed = False
+        self._loop = AgentLoop(f"pdserve-kv-send-{uuid.uuid4().hex[:12]}", memory,
+                               self._on_notif, self._on_tick)
+        self._own = PeerInfo.of(memory, self._loop.name, self._loop.metadata)
+        self._info = self._own.encode()
+
+    def add_peer(self, address: str, info: bytes) -> bytes:
+        peer = PeerInfo.decode(info)
+        if peer.agent != address:
+            raise KVTransferError(f"the peer info of {address!r} names agent {peer.agent!r}")
+        self._loop.run(lambda: self._loop.agent.add_remote_agent(peer.metadata))
+        self._peers[address] = peer
+        return self._info  # the receiver loads it to answer this agent
+
+    def knows_peer(self, address: str) -> bool:
+        return address in self._peers
+
+    def begin(self, target: KVTargetSpec) -> UcxSendHandle:
+        check_target(target)
+        if self._closed:
+            raise KVTransferError("the KV sender is closed")
+        handle = UcxSendHandle(self, target)
+        self._loop.call(lambda: self._start(handle))
+        try:
+            check_layout(target.layout_fingerprint, self.memory.layout)
+        except LayoutMismatchError as exc:
+            handle._abort(Status.LAYOUT_MISMATCH, exc.message)  # the receiver learns at once
+            raise
+        return handle
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+
+        def unfinished() -> list[UcxSendHandle]:
+            return list(self._handles.values())
+
+        try:
+            for handle in self._loop.run(unfinished):
+                handle._abort(Status.CLOSED, "the KV sender closed")
+            self._loop.run(lambda: None)  # the aborts above ran before this
+        finally:
+            self._loop.stop()
+
+    # -- the loop thread --------------------------------------------------------------
+
+    def _start(self, handle: UcxSendHandle) -> None:
+        key = (handle.target.address, handle.transfer_id)
+        peer = self._peers.get(handle.target.address)
+        if peer is None:
+            handle.outcome.resolve(error=KVTransferError(
+                f"KV transfer {handle.transfer_id!r}: unknown KV peer "
+                f"{handle.target.address!r} (no handshake with it yet)"))
+            handle._idle.set()
+            return
+        old = self._handles.get(key)
+        if old is not None and not old.finished():
+            handle.outcome.resolve(error=KVTransferError(
+                "another transfer with this id is in flight to this receiver"))
+            handle._idle.set()
+            return
+        handle.state.peer = peer
+        self._handles[key] = handle
+        if not handle.outcome.done():
+            self._loop.notify(peer.agent, Notif("B", handle.transfer_id, self._own.fingerprint))
+
+    def _queue(self, handle: UcxSendHandle, item: _Layer) -> None:
+        if handle.outcome.done():
+            self._settle(handle)
+            return
+        handle.state.queued.append(item)
+
+    def _aborted(self, handle: UcxSendHandle, status: Status, reason: str) -> None:
+        st = handle.state
+        st.queued.clear()
+        if st.peer is not None:
+            self._loop.notify(st.peer.agent, Notif("A", handle.transfer_id,
+                                                   f"{int(status)}:{reason}"))
+        self._settle(handle)
+
+    def _settle(self, handle: UcxSendHandle) -> None:
+        """After a failure: once no WRITE of ours is in flight, say so (Q) and let go.
+        WRITEs towards a peer that died may never complete: after ``_GIVE_UP_S`` they are
+        released (cancelled) anyway -- they only read this pod's blocks, so reusing those
+        blocks can at worst send garbage to a peer that no longer listens."""
+        st = handle.state
+        st.queued.clear()
+        if st.in_flight:
+            st.failed_at = st.failed_at or time.monotonic()
+            if time.monotonic() - st.failed_at < _GIVE_UP_S:
+                return
+            for layer, xfer in list(st.in_flight.items()):
+                try:
+                    self._loop.agent.release_xfer_handle(xfer)
+                except Exception as exc:  # nixl could not cancel it; nothing else to do
+                    log.warning("ucx: giving up on the WRITE of layer %d of %r: %s", layer,
+                                handle.transfer_id, exc)
+            st.in_flight.clear()
+        failed = handle.outcome.done() and handle.outcome._error is not None
+        if failed and st.granted and not st.quiet_sent and st.peer is not None:
+            st.quiet_sent = True
+            self._loop.notify(st.peer.agent, Notif("Q", handle.transfer_id))
+        handle._idle.set()
+        self._handles.pop((handle.target.address, handle.transfer_id), None)
+
+    def _post(self, handle: UcxSendHandle, item: _Layer) -> None:
+        peer = handle.state.peer
+        assert peer is not None
+        spans = runs(item.src, handle.target.block_ids)
+        own = self._own
+        local = layer_descs(own.bases[item.layer], own.num_blocks, own.block_bytes, own.device,
+                            [(s, n) for s, _, n in spans])
+        remote = layer_descs(peer.bases[item.layer], peer.num_blocks, peer.block_bytes,
+                             peer.device, [(d, n) for _, d, n in spans])
+        agent = self._loop.agent
+        xfer = agent.initialize_xfer(
+            "WRITE", agent.get_xfer_descs(local, own.mem_type),
+            agent.get_xfer_descs(remote, peer.mem_type), peer.agent,
+            Notif("D", handle.transfer_id, str(item.layer)).encode())
+        state = agent.transfer(xfer)
+        if state == "ERR":
+            agent.release_xfer_handle(xfer)
+            raise KVTransferError(f"NIXL refused to post layer {item.layer}")
+        handle.state.in_flight[item.layer] = xfer
+
+    def _on_notif(self, peer: str, notif: Notif) -> None:
+        handle = self._handles.get((peer, notif.transfer_id))
+        if handle is None:
+            return  # a late notification for a transfer that is over here
+        if notif.kind == "G":
+            handle.state.granted = True
+        elif notif.kind == "K":
+            t = now()
+            handle.outcome.resolve(stats=TransferStats(
+                bytes=handle.num_blocks * handle.num_layers
+                * self.memory.layout.block_bytes_per_layer, seconds=t - handle._started,
+                exposed=t - handle.state.last_ready))
+            self._settle(handle)
+        elif notif.kind == "C":
+            code_text, _, reason = notif.arg.partition(":")
+            code = Status(int(code_text)) if code_text.isdigit() and int(code_text) in \
+                Status._value2member_map_ else Status.CANCELLED
+            handle.outcome.resolve(error=error_for_status(
+                code, f"KV transfer {handle.transfer_id!r} to {peer} failed at the receiver: "
+                      f"{reason or 'cancelled'}"))
+            self._settle(handle)
+
+    def _on_tick(self) -> bool:
+        agent = self._loop.agent
+        for handle in list(self._handles.values()):
+            st = handle.state
+            for layer, xfer in list(st.in_flight.items()):
+                state = agent.check_xfer_state(xfer)
+                if state == "PROC":
+                    continue
+                del st.in_flight[layer]
+                agent.release_xfer_handle(xfer)
+                if state == "ERR":
+                    handle._abort(Status.ABORTED, f"the WRITE of layer {layer} failed")
+            if handle.outcome.done():
+                self._settle(handle)
+                continue
+            if st.granted:
+                for item in list(st.queued):
+                    if item.ready is None or item.ready.query():
+                        st.queued.remove(item)
+                        st.last_ready = item.written if item.ready is None else now()
+                        try:
+                            self._post(handle, item)
+                        except Exception as exc:
+                            log.exception("ucx: posting layer %d failed", item.layer)
+                            handle._abort(Status.ABORTED, f"posting layer {item.layer}: {exc}")
+                            break
+        return bool(self._handles)
