@@ -68,9 +68,19 @@ def _cases(seed: int) -> list[tuple[str, int, list[int], list[int]]]:
     return cases
 
 
+def _dump_stacks_if_stuck() -> None:
+    """A run stuck for two minutes from here prints where every thread is, then ends,
+    instead of hanging silently (each call restarts the clock)."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(120, exit=True)
+
+
 def receiver_main(conn: Any, device: str, kinds: list[str], repeats: int,
                   same_gpu: bool) -> None:
     import torch
+
+    _dump_stacks_if_stuck()
 
     from kv_transfer import make_receiver
 
@@ -89,6 +99,7 @@ def receiver_main(conn: Any, device: str, kinds: list[str], repeats: int,
             if msg is None:
                 break
             tid, dst = msg
+            _dump_stacks_if_stuck()
             pending = receiver.expect(tid, dst)
             conn.send("ready")
             pending.wait(120)
@@ -147,6 +158,8 @@ def sender_main(conn: Any, device: str, peer_device: str, kinds: list[str], repe
                 same_gpu: bool, result: Any) -> None:
     import torch
 
+    _dump_stacks_if_stuck()
+
     from kv_transfer import KVTargetSpec, make_sender
 
     torch.cuda.set_device(device)
@@ -175,6 +188,7 @@ def sender_main(conn: Any, device: str, peer_device: str, kinds: list[str], repe
             ok_all = True
             for _ in range(1 if pattern == "warmup" else repeats):
                 serial += 1
+                _dump_stacks_if_stuck()
                 tid = f"{kind}-{serial}"
                 conn.send((tid, dst))
                 assert conn.recv() == "ready"

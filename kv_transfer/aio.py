@@ -28,6 +28,17 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def advertised_host(host: str) -> str:
+    """The host peers should dial for a listener bound to ``host``: a wildcard names this
+    machine's own IP (its hostname resolved, as a Kubernetes pod's is)."""
+    if host not in ("", "0.0.0.0", "::"):
+        return host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
 class LoopThread:
     """An asyncio event loop running in a daemon thread."""
 

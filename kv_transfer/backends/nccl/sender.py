@@ -1,9 +1,14 @@
-"""The prefill side of the ``nccl`` backend: per decode pod, a link (rank 0 here) and one
-thread that sends, in the order layers become ready, each layer's header and then its
-blocks gathered into one contiguous buffer on the link's stream (which first waits on the
-layer's ready event). One thread per link keeps the order of operations the same on both
-ranks whatever the requests' interleaving, and a dead peer stalls only its own link, which
-is aborted once a send has been pending past the timeout.
+"""The prefill side of the ``nccl`` backend: per decode pod, a link (rank 0 here) with its
+control connection, and one thread that sends what the forward queued, in order, as each
+layer's compute finishes: a header (on the control connection) for each batch of
+consecutive written layers of one transfer, then each layer's K and V on NCCL
+(protocol.py). Layers wait for their ready event on the host, not on the GPU, so the
+receiver never has receives pending for bytes not yet computed. Blocks that are one run go straight
+from the cache; others are first gathered into a packed buffer on a second stream, so the
+gather of one layer overlaps the send of the one before. One thread per link keeps the
+order of operations the same on both ranks whatever the requests' interleaving, and a dead
+peer stalls only its own link, which is aborted once a send has been pending past the
+timeout.
 """
 
 from __future__ import annotations
@@ -20,14 +25,18 @@ import torch
 
 from engine.errors import KVTransferError, LayoutMismatchError, UnknownPeerError
 from engine.kv_layout import KVMemory
-from kv_transfer.backends.nccl.link import SENDER_RANK, Link
+from kv_transfer.backends.nccl.control import Control, connect
+from kv_transfer.backends.nccl.link import LAYERS_PER_GROUP, SENDER_RANK, Link
 from kv_transfer.backends.nccl.protocol import (
     ABORT,
     DATA,
+    HEADER_BYTES,
+    HELLO,
     ROLE_RECEIVER,
     ROLE_SENDER,
     Header,
     Hello,
+    one_run,
 )
 from kv_transfer.connector import (
     ConnectorConfig,
@@ -42,6 +51,9 @@ from kv_transfer.connector import (
 )
 
 log = logging.getLogger(__name__)
+# Packed (gathered) bytes a link may have on the wire at once; past it, posting waits for
+# the oldest sends to finish, so a long prompt cannot double its KV in scratch memory.
+_PACKED_BUDGET = 512 << 20
 
 
 @dataclass(slots=True)
@@ -52,7 +64,16 @@ class _Sent:
     done: torch.cuda.Event
     posted: float
     buffers: tuple[torch.Tensor, ...]
-    ready: Any | None  # the layer's compute event (None: done when posted)
+    packed_bytes: int
+    layers: int  # how many of the handle's layers it carries
+
+
+@dataclass(slots=True)
+class _Job:
+    handle: NcclSendHandle
+    layer: int  # -1: tell the receiver the transfer was aborted
+    block_ids: list[int]
+    ready: Any | None
 
 
 class NcclSendHandle(SendHandle):
@@ -93,7 +114,7 @@ class NcclSendHandle(SendHandle):
             if self.outcome.done() or self.link is None:
                 return
             self._in_flight += 1
-        self.link.jobs.put((self, layer, list(block_ids), ready))
+        self.link.jobs.put(_Job(self, layer, list(block_ids), ready))
 
     def finished(self) -> bool:
         with self._lock:
@@ -119,7 +140,7 @@ class NcclSendHandle(SendHandle):
         error = KVTransferError(f"KV transfer {self.transfer_id!r} to {self.target.address}: "
                                 f"{reason}")
         if self.outcome.resolve(error=error) and tell and self.link is not None:
-            self.link.jobs.put((self, -1, [], None))  # an ABORT header, in order
+            self.link.jobs.put(_Job(self, -1, [], None))  # an ABORT header, in order
 
     def _close(self) -> None:
         with self._lock:
@@ -144,6 +165,7 @@ class NcclSendHandle(SendHandle):
 @dataclass(slots=True)
 class _SendLink:
     link: Link
+    control: Control
     jobs: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     thread: threading.Thread | None = None
 
@@ -163,8 +185,9 @@ class NcclSender(KVSender):
         if hello.address != address:
             raise KVTransferError(f"the handshake of {address!r} names {hello.address!r}")
         check_layout(hello.fingerprint, self.memory.layout)
+        control = connect(hello.control, hello.key, self.timeout_s)
         link = _SendLink(Link(hello.unique_id, SENDER_RANK, self.memory.device,
-                              self.timeout_s))
+                              self.timeout_s), control)
         link.thread = threading.Thread(target=self._serve, args=(link,), daemon=True,
                                        name="nccl-send")
         with self._lock:
@@ -214,72 +237,148 @@ class NcclSender(KVSender):
     def _serve(self, sl: _SendLink) -> None:
         link = sl.link
         sent: list[_Sent] = []
+        waiting: list[_Job] = []  # queued, in order; they go out once written
         torch.cuda.set_device(link.device)  # this thread's NCCL calls and allocations
+        gather = torch.cuda.Stream(link.device)
         try:
             link.wait_ready()
+            sl.control.send(Header(HELLO, "hello"))  # the link's NCCL connection, made now
+            hello = torch.zeros(HEADER_BYTES, dtype=torch.uint8, device=link.device)
+            link.send(hello)
             while True:
+                busy = bool(sent or waiting)
                 try:
-                    job = sl.jobs.get(timeout=0.0005 if sent else 0.05)
+                    job = sl.jobs.get(timeout=0.0002 if busy else 0.05)
                 except queue.Empty:
                     job = ()
                 if job is None:
                     break
-                if job:
-                    self._post(link, sent, *job)
+                while job:  # take everything queued so far
+                    waiting.append(job)
+                    try:
+                        job = sl.jobs.get_nowait()
+                    except queue.Empty:
+                        job = ()
+                    if job is None:
+                        sl.jobs.put(None)
+                        job = ()
+                written = _written_prefix(waiting)
+                if written:
+                    del waiting[:len(written)]
+                    for batch in _batches(written):
+                        self._post(sl, gather, sent, batch)
                 sent = self._reap(link, sent)
         except KVTransferError as exc:
             log.warning("nccl sender: a link ended: %s", exc)
         finally:
             link.abort("its sending thread ended")
+            sl.control.close()
             for s in sent:
                 s.handle._fail(f"the NCCL link failed: {link.error}", tell=False)
-                s.handle._settled(False)
+                for _ in range(s.layers):
+                    s.handle._settled(False)
             while True:  # fail what was still queued
                 try:
                     job = sl.jobs.get_nowait()
                 except queue.Empty:
                     break
-                if job and job[1] >= 0:
-                    job[0]._fail(f"the NCCL link failed: {link.error}", tell=False)
-                    job[0]._settled(False)
+                if job:
+                    waiting.append(job)
+            for job in waiting:
+                if job.layer >= 0:
+                    job.handle._fail(f"the NCCL link failed: {link.error}", tell=False)
+                    job.handle._settled(False)
 
-    def _post(self, link: Link, sent: list[_Sent], handle: NcclSendHandle, layer: int,
-              block_ids: list[int], ready: Any | None) -> None:
-        device = self.memory.device
-        if layer < 0:  # the transfer was aborted: tell the receiver, in order
-            head = Header(ABORT, handle.transfer_id)
-            buf = torch.frombuffer(bytearray(head.encode()), dtype=torch.uint8).to(device)
-            link.send(buf)
+    def _post(self, sl: _SendLink, gather: torch.cuda.Stream, sent: list[_Sent],
+              batch: list[_Job]) -> None:
+        link = sl.link
+        handle = batch[0].handle
+        if batch[0].layer < 0:  # the transfer was aborted: tell the receiver, in order
+            sl.control.send(Header(ABORT, handle.transfer_id))
             return
         if handle.outcome.done():
-            handle._settled(False)
+            for _ in batch:
+                handle._settled(False)
             return
-        with torch.cuda.stream(link.stream):
-            if ready is not None:
-                link.stream.wait_event(ready)
-            idx = torch.tensor(block_ids, dtype=torch.long).to(device, non_blocking=True)
-            packed = self.memory.layers[layer].index_select(1, idx)
-            raw = Header(DATA, handle.transfer_id, layer, len(block_ids)).encode()
-            header = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(
-                device, non_blocking=True)
-        link.send(header)
-        link.send(packed.view(torch.uint8).view(-1))
-        done = torch.cuda.Event()
-        done.record(link.stream)
-        sent.append(_Sent(handle, done, time.monotonic(), (idx, packed, header), ready))
-        if ready is None:
-            handle.last_ready = now()
+        n = len(batch[0].block_ids)
+        handle.last_ready = now()  # every layer of the batch is written
+        sl.control.send(Header(DATA, handle.transfer_id, batch[0].layer, len(batch), n))
+        for chunk in _chunks(batch):
+            while sum(s.packed_bytes for s in sent) > _PACKED_BUDGET:
+                sent[:] = self._reap(link, sent)
+                time.sleep(0.0002)
+            parts: list[torch.Tensor] = []
+            keep: list[torch.Tensor] = []
+            packed_bytes = 0
+            for job in chunk:
+                cache = self.memory.layers[job.layer]
+                start = one_run(job.block_ids)
+                if start is not None:  # one run: K and V go straight from the cache
+                    parts += [cache[0, start:start + n], cache[1, start:start + n]]
+                    if job.ready is not None:  # written already; this orders the streams
+                        link.stream.wait_event(job.ready)
+                    continue
+                with torch.cuda.stream(gather):
+                    if job.ready is not None:
+                        gather.wait_event(job.ready)
+                    idx = torch.tensor(job.block_ids, dtype=torch.long).to(
+                        self.memory.device, non_blocking=True)
+                    packed = cache.index_select(1, idx)
+                    gathered = torch.cuda.Event()
+                    gathered.record(gather)
+                link.stream.wait_event(gathered)
+                parts += [packed[0], packed[1]]
+                keep += [packed, idx]
+                packed_bytes += packed.numel() * packed.element_size()
+            # One group per chunk: each NCCL call costs a launch round trip, per chunk
+            # instead of per layer; chunks still let the receiver scatter one while the
+            # next is on the wire.
+            link.send(*(p.view(torch.uint8).view(-1) for p in parts))
+            done = torch.cuda.Event()
+            done.record(link.stream)
+            sent.append(_Sent(handle, done, time.monotonic(), tuple(keep), packed_bytes,
+                              len(chunk)))
 
     def _reap(self, link: Link, sent: list[_Sent]) -> list[_Sent]:
+        """Settle sent layers; past the timeout with sends pending and none finishing
+        (a receiver gone quiet), end the link."""
         still = []
+        t = time.monotonic()
         for s in sent:
-            if s.ready is not None and s.ready.query():
-                s.handle.last_ready = max(s.handle.last_ready, now())
-                s.ready = None
             if s.done.query():
-                s.handle._settled(True)
-            elif time.monotonic() - s.posted > link.timeout_s:
-                raise KVTransferError(f"a send pending for {link.timeout_s:g}s (peer gone?)")
+                for _ in range(s.layers):
+                    s.handle._settled(True)
+                link.progress_at = t
             else:
                 still.append(s)
+        if still and t - max(link.progress_at, still[0].posted) > link.timeout_s:
+            raise KVTransferError(f"no send finished for {link.timeout_s:g}s (peer gone?)")
         return still
+
+def _batches(jobs: list[_Job]) -> list[list[_Job]]:
+    """Runs of jobs of one transfer with consecutive layers (and the same blocks), each
+    sent under one header; an abort is a batch of its own."""
+    out: list[list[_Job]] = []
+    for job in jobs:
+        last = out[-1][-1] if out else None
+        if last is not None and job.layer >= 0 and last.layer >= 0 \
+                and job.handle is last.handle and job.layer == last.layer + 1 \
+                and job.block_ids == last.block_ids:
+            out[-1].append(job)
+        else:
+            out.append([job])
+    return out
+
+
+def _chunks(batch: list[_Job]) -> list[list[_Job]]:
+    return [batch[i:i + LAYERS_PER_GROUP] for i in range(0, len(batch), LAYERS_PER_GROUP)]
+
+
+def _written_prefix(waiting: list[_Job]) -> list[_Job]:
+    """The queued jobs, in order, up to the first layer whose compute has not finished."""
+    out = []
+    for job in waiting:
+        if job.ready is not None and not job.ready.query():
+            break
+        out.append(job)
+    return out

@@ -19,7 +19,14 @@ import torch
 
 from engine.errors import KVTransferError
 from engine.kv_layout import KVMemory
-from kv_transfer.aio import LoopThread, format_address, recv_into, send_buffers, tune
+from kv_transfer.aio import (
+    LoopThread,
+    advertised_host,
+    format_address,
+    recv_into,
+    send_buffers,
+    tune,
+)
 from kv_transfer.backends.tcp.challenge import admit
 from kv_transfer.connector import ConnectorConfig, KVReceiver, PendingTransfer
 from kv_transfer.table import TransferTable
@@ -65,7 +72,7 @@ class TcpReceiver(KVReceiver):
         self._listener = socket.create_server((host, port), family=family, backlog=256,
                                               dualstack_ipv6=dualstack)
         self._listener.setblocking(False)
-        self.address = format_address(advertise_host or _advertised(host),
+        self.address = format_address(advertise_host or advertised_host(host),
                                       self._listener.getsockname()[1])
         self._conns: set[_RecvConn] = set()  # loop thread only
         self._tasks: list[asyncio.Task[None]] = []
@@ -200,11 +207,3 @@ class TcpReceiver(KVReceiver):
         except OSError as exc:  # the reading side notices and cleans up
             log.warning("KV receiver %s: reply to %s failed: %s", self.address, conn.peer, exc)
 
-
-def _advertised(host: str) -> str:
-    if host not in ("", "0.0.0.0", "::"):
-        return host
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"

@@ -1,0 +1,155 @@
+"""Does the serving loop keep the GPU busy? (issue 9)
+
+Two figures from one run on the same GPU:
+1. the decode step alone: the 8B-shaped model's CUDA-graph decode step at batch ``--streams``
+   with the context at the middle of the run (input + output/2), median of 20 -- the
+   tokens/s the decode pod could reach if host work cost nothing;
+2. served: ``pdserve up --device cuda`` (1 prefill pod on cuda:0, 1 decode pod on cuda:1,
+   ``--connector``), ``--streams`` concurrent streamed completions of ``--input-len`` random
+   token ids and ``--output-len`` tokens (ignore_eos), read by several client processes so the
+   client is not the bottleneck. The decode rate is the tokens that arrived while every
+   stream was decoding (from the last first token to the first last token) over that time.
+
+    python3 bench/gpu_streams.py --model /tmp/m8b --streams 64 --input-len 128 --output-len 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+
+def graph_step_seconds(model_dir: Path, batch: int, ctx: int) -> float:
+    """The decode pod's own model, weights and graphs, timed without any serving."""
+    import torch
+
+    from engine import LLM
+
+    llm = LLM(str(model_dir), device="cuda", dtype="bfloat16", max_num_seqs=batch,
+              max_model_len=ctx + 64)
+    runner = llm.engine.runner
+    graphs = runner.graphs
+    assert graphs is not None, "CUDA graphs are off"
+    from gpu_engine import decode_inputs
+
+    block = runner.block_size
+    per_seq = (ctx + 64 + block - 1) // block
+    ids, pos, attn = decode_inputs(batch, ctx, block, per_seq, runner.cfg.vocab_size)
+    times = []
+    with torch.inference_mode():
+        for i in range(25):
+            a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            graphs.run(ids, pos, attn).argmax(-1)
+            e.record()
+            e.synchronize()
+            if i >= 5:
+                times.append(a.elapsed_time(e) / 1e3)
+    del llm
+    torch.cuda.empty_cache()
+    return statistics.median(times)
+
+
+def _client(url: str, model: str, prompts: list[list[int]], output_len: int, q: Any) -> None:
+    import asyncio
+
+    import httpx
+
+    async def one(client: httpx.AsyncClient, prompt: list[int]) -> list[tuple[float, int]]:
+        body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0,
+                "ignore_eos": True, "stream": True, "return_token_ids": True}
+        marks = []
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    n = line.count(",", line.find('"token_ids"')) + 1 \
+                        if '"token_ids":[' in line and '"token_ids":[]' not in line else 0
+                    marks.append((time.monotonic(), n))
+        return marks
+
+    async def main() -> list[list[tuple[float, int]]]:
+        limits = httpx.Limits(max_connections=len(prompts) + 4)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+            return await asyncio.gather(*(one(client, p) for p in prompts))
+
+    q.put(asyncio.run(main()))
+
+
+def served_rate(url: str, model: str, streams: int, input_len: int, output_len: int,
+                vocab: int, clients: int) -> dict[str, float]:
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1000, vocab - 1000) for _ in range(input_len)]
+               for _ in range(streams)]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_client, args=(url, model, prompts[i::clients], output_len, q))
+             for i in range(clients)]
+    for p in procs:
+        p.start()
+    marks = [m for _ in procs for m in q.get(timeout=900)]
+    for p in procs:
+        p.join(30)
+    tokens = [sum(n for _, n in m) for m in marks]
+    first = max(next(t for t, n in m if n) for m in marks)
+    last = min(m[-1][0] for m in marks)
+    inside = sum(n for m in marks for t, n in m if first < t <= last)
+    return {"tokens_per_stream_min": min(tokens), "window_s": last - first,
+            "decode_tok_s": inside / (last - first)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--streams", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=512)
+    p.add_argument("--connector", default="ucx")
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--pod-args", default="--max-num-batched-tokens 8192")
+    p.add_argument("--port", type=int, default=8460)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    from gpu_serving import start, stop
+
+    config = json.loads((args.model / "config.json").read_text())
+    ctx = args.input_len + args.output_len // 2
+    step = graph_step_seconds(args.model, args.streams, ctx)
+    alone = args.streams / step
+    print(f"graph step alone: batch {args.streams}, ctx {ctx}: {step * 1e3:.2f} ms "
+          f"= {alone:.0f} tok/s", flush=True)
+    log = Path("/tmp/pdserve-gpu-logs")
+    log.mkdir(parents=True, exist_ok=True)
+    proc, url = start(str(args.model), args.connector, args.port, args.pod_args, False,
+                      log / f"streams-{args.connector}.log")
+    try:
+        model = str(args.model)
+        served_rate(url, model, 8, args.input_len, 16, config["vocab_size"], 1)  # warm up
+        served = served_rate(url, model, args.streams, args.input_len, args.output_len,
+                             config["vocab_size"], args.clients)
+    finally:
+        stop(proc)
+    served["graph_step_ms"] = step * 1e3
+    served["graph_alone_tok_s"] = alone
+    served["share"] = served["decode_tok_s"] / alone
+    print(f"served: {served['decode_tok_s']:.0f} tok/s over {served['window_s']:.1f} s = "
+          f"{100 * served['share']:.0f}% of the graph step alone "
+          f"(min tokens per stream {served['tokens_per_stream_min']})", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(served, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
