@@ -74,14 +74,14 @@ def _client(url: str, model: str, prompts: list[list[int]], output_len: int, q: 
             r.raise_for_status()
             async for line in r.aiter_lines():
                 if line.startswith("data: {"):
-                    n = line.count(",", line.find('"token_ids"')) + 1 \
-                        if '"token_ids":[' in line and '"token_ids":[]' not in line else 0
+                    chunk = json.loads(line[6:])
+                    n = sum(len(c.get("token_ids") or []) for c in chunk["choices"])
                     marks.append((time.monotonic(), n))
         return marks
 
     async def main() -> list[list[tuple[float, int]]]:
         limits = httpx.Limits(max_connections=len(prompts) + 4)
-        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async with httpx.AsyncClient(timeout=240, limits=limits) as client:
             return await asyncio.gather(*(one(client, p) for p in prompts))
 
     q.put(asyncio.run(main()))
@@ -98,7 +98,14 @@ def served_rate(url: str, model: str, streams: int, input_len: int, output_len: 
              for i in range(clients)]
     for p in procs:
         p.start()
-    marks = [m for _ in procs for m in q.get(timeout=900)]
+    marks = []
+    deadline = time.monotonic() + 300
+    while len(marks) < streams:  # a client that died (its traceback is above) ends the run
+        try:
+            marks += q.get(timeout=1)
+        except Exception:
+            if time.monotonic() > deadline or any(p.exitcode not in (None, 0) for p in procs):
+                raise RuntimeError("a client failed or the streams took over 300 s") from None
     for p in procs:
         p.join(30)
     tokens = [sum(n for _, n in m) for m in marks]
@@ -125,21 +132,28 @@ def main() -> int:
 
     config = json.loads((args.model / "config.json").read_text())
     ctx = args.input_len + args.output_len // 2
+    log = Path("/tmp/pdserve-gpu-logs")
+    log.mkdir(parents=True, exist_ok=True)
+    # Served first: the pods are gone (their GPU memory with them) before this process
+    # loads the model for the step alone.
+    proc, url = start(str(args.model), args.connector, args.port, args.pod_args, False,
+                      log / f"streams-{args.connector}.log")
+    print(f"pdserve up ready at {url}", flush=True)
+    try:
+        import httpx
+
+        model = httpx.get(f"{url}/models", timeout=30).json()["data"][0]["id"]
+        served_rate(url, model, 8, args.input_len, 16, config["vocab_size"], 1)  # warm up
+        print("warmed up", flush=True)
+        served = served_rate(url, model, args.streams, args.input_len, args.output_len,
+                             config["vocab_size"], args.clients)
+        print(f"served: {served}", flush=True)
+    finally:
+        stop(proc)
     step = graph_step_seconds(args.model, args.streams, ctx)
     alone = args.streams / step
     print(f"graph step alone: batch {args.streams}, ctx {ctx}: {step * 1e3:.2f} ms "
           f"= {alone:.0f} tok/s", flush=True)
-    log = Path("/tmp/pdserve-gpu-logs")
-    log.mkdir(parents=True, exist_ok=True)
-    proc, url = start(str(args.model), args.connector, args.port, args.pod_args, False,
-                      log / f"streams-{args.connector}.log")
-    try:
-        model = str(args.model)
-        served_rate(url, model, 8, args.input_len, 16, config["vocab_size"], 1)  # warm up
-        served = served_rate(url, model, args.streams, args.input_len, args.output_len,
-                             config["vocab_size"], args.clients)
-    finally:
-        stop(proc)
     served["graph_step_ms"] = step * 1e3
     served["graph_alone_tok_s"] = alone
     served["share"] = served["decode_tok_s"] / alone

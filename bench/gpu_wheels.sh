@@ -14,10 +14,15 @@ get() {  # dest, requirement...
     --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform any -d "$dest" "$@"
 }
-mkdir -p .whl/base .whl/nixl
+mkdir -p .whl/base .whl/extra .whl/nixl
 get .whl/base fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.4 \
   pydantic-core==2.50.5 annotated-types==0.8.0 annotated-doc==0.0.7 typing-inspection \
   grpcio==1.85.3 grpcio-health-checking==1.85.1 openai==3.57.0 distro jiter==0.19.0 \
   sniffio==1.3.1 redis==8.1.0 hiredis==3.5.0 nccl4py==0.6.0
+# what pdserve up's router needs beyond those (fastapi 0.165 imports opentelemetry-api)
+get .whl/extra opentelemetry-api importlib-metadata zipp dnspython prometheus-client xxhash \
+  h11 anyio click
+"$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+  --python-version 3.12 --platform manylinux_2_31_x86_64 -d .whl/extra llguidance==1.9.1
 get .whl/nixl nixl==1.5.1 nixl-cu13==1.5.1
-du -sh .whl/base .whl/nixl
+du -sh .whl/base .whl/extra .whl/nixl

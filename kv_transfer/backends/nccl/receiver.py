@@ -181,8 +181,12 @@ class NcclReceiver(KVReceiver):
             control = self._listener.take(key, self.timeout_s)
             while not link.aborted:
                 landing = self._reap(link, landing)
-                head = control.read(0.0002 if landing else 0.05)
+                # While layers land, look without waiting (a socket timeout is rounded up
+                # to whole milliseconds of poll()); idle, block on the socket.
+                head = control.read(0.0 if landing else 0.05)
                 if head is None:
+                    if landing:
+                        time.sleep(0.00005)
                     continue
                 if head.kind == ABORT:
                     self._end(head.transfer_id, f"the sender aborted transfer "
