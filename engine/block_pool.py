@@ -79,6 +79,11 @@ class BlockPool:
                 self.block_hash[block] = None
             self.ref_counts[block] = 1
             out.append(block)
+        # The same (least recently freed) blocks, in ascending order: a sequence's blocks
+        # come back to the free list tail first, so LRU order would hand them out in
+        # reverse; ascending, they form runs of consecutive ids that a KV transfer moves as
+        # one descriptor (ucx) or in place (nccl) instead of block by block.
+        out.sort()
         return out
 
     def share(self, block_ids: Seq[int]) -> None:

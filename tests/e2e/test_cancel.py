@@ -48,8 +48,14 @@ def test_closing_a_stream_frees_its_blocks_within_a_second(stack: Stack, endpoin
         chunks = iter(stream)
         for _ in range(5):
             next(chunks)
-        # the request really is running there and holding blocks before the close
-        during = stack.decode_pods()
+        # the request really is running there and holding blocks before the close (the
+        # pods' load in /pools is as last polled, every 0.5 s: read until a poll shows it)
+        deadline = time.monotonic() + 3.0
+        while True:
+            during = stack.decode_pods()
+            if sum(p["running"] for p in during) >= 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert sum(p["running"] for p in during) >= 1, during
         assert sum(p["free_blocks"] for p in during) < sum(before.values())
     finally:

@@ -87,12 +87,22 @@ def test_concurrent_streams_are_spread_over_both_decode_pods(stack_2p2d: Stack) 
             try:
                 for stream in streams:  # every request has started generating
                     await anext(aiter(stream))
-                return await asyncio.to_thread(stack.decode_pods)
+                # The router's own count is immediate; the pods' "running" is their load as
+                # last polled (every 0.5 s), so it is read until a poll has seen them all.
+                first = await asyncio.to_thread(stack.decode_pods)
+                deadline = time.monotonic() + 3.0
+                while True:
+                    pods = await asyncio.to_thread(stack.decode_pods)
+                    if sorted(p["running"] for p in pods) == [2, 2] \
+                            or time.monotonic() > deadline:
+                        return first, pods
+                    await asyncio.sleep(0.05)
             finally:
                 for stream in streams:
                     await stream.close()
 
-    during = asyncio.run(run())
+    first, during = asyncio.run(run())
+    assert sorted(p["router_in_flight"] for p in first) == [2, 2], first
     assert sorted(p["running"] for p in during) == [2, 2], [
         (p["address"], p["running"], p["waiting"]) for p in during]
     assert stack.wait_decode_free(before, timeout=2.0) == before

@@ -36,9 +36,10 @@ def test_a_slow_transfer_does_not_hold_up_other_requests_decode_steps(
     with start_stack(default_model_dir, tmp_path, "--prefill", "1", "--decode", "1",
                      "--connector", "slowtcp", "--pod-args", POD_ARGS, env=env) as stack:
         client = stack.client()
-        # A long generation, decoding on the decode pod (its own transfer was slow too).
+        # A long generation (seconds: it must outlast the slow transfer below), decoding on
+        # the decode pod (its own transfer was slow too).
         stream = client.completions.create(
-            model=stack.model, prompt="def main():", max_tokens=400, temperature=0,
+            model=stack.model, prompt="def main():", max_tokens=1900, temperature=0,
             stream=True, extra_body={"ignore_eos": True})
         arrivals: list[float] = []
         chunks = iter(stream)

@@ -32,6 +32,10 @@ pytestmark = pytest.mark.timeout(240)
 
 NAME = "pdserve-decode.test.svc.cluster.local"
 READY = re.compile(r"ready on (\S+:\d+)")
+# Streams that outlast the moment a pod leaves: nearly all of the default model's context,
+# a second or more even with the C attention kernels (600 tokens could end before all four
+# streams were seen in flight).
+LONG = 1900
 
 
 # -- discovery on its own --------------------------------------------------------------
@@ -247,7 +251,7 @@ async def _scenario(url: str, records: Records, hosts: list[str], port: int,
     # Pod a leaves as Kubernetes takes a pod away: out of the DNS answer and SIGTERM at
     # once, with streams running on both pods and requests arriving all along.
     async def stream(i: int) -> tuple[int, str | None]:
-        s = await client.completions.create(model=model, prompt=f"def f{i}():", max_tokens=600,
+        s = await client.completions.create(model=model, prompt=f"def f{i}():", max_tokens=LONG,
                                             stream=True, extra_body={"ignore_eos": True,
                                                                      "return_token_ids": True})
         tokens, finish = 0, None
@@ -272,7 +276,7 @@ async def _scenario(url: str, records: Records, hosts: list[str], port: int,
     left_at = time.monotonic()
     meanwhile = [await short(100 + i) for i in range(10)]  # one after another, during it
     assert meanwhile == ["length"] * 10
-    assert await asyncio.gather(*streams) == [(600, "length")] * 4
+    assert await asyncio.gather(*streams) == [(LONG, "length")] * 4
     await _wait_members(url, [b])
     assert await asyncio.to_thread(proc_a.wait, 30) == 0
     assert time.monotonic() - left_at < 30  # within its drain timeout
