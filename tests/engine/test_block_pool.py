@@ -460,3 +460,15 @@ def test_prefix_counters_count_each_prompt_once_even_when_preempted_mid_prefill(
     # the prompts share no prefix: nothing was served from the cache
     assert (stats.queried_tokens, stats.hit_tokens, cached) == (
         sum(len(p) for p in prompts), 0, [0] * len(prompts))
+
+
+def test_a_freed_sequence_comes_back_as_one_ascending_run():
+    """Released tail first (for eviction), its blocks still go out in ascending order, so
+    the next prompt of that size holds one run of consecutive ids (one KV descriptor)."""
+    pool = BlockPool(16, 2)
+    pool.allocate(3)  # 0..2 stay in use
+    seq = pool.allocate(5)
+    assert seq == [3, 4, 5, 6, 7]
+    pool.release(seq)  # the free list now ends ..., 7, 6, 5, 4, 3
+    pool.allocate(8)  # the never-used blocks 8..15 go first (least recently freed)
+    assert pool.allocate(5) == [3, 4, 5, 6, 7]
