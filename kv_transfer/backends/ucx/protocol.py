@@ -10,8 +10,8 @@ without ``|``):
 - sender -> receiver ``B|tid``: may I write? (sent at begin; nothing is written before...)
 - receiver -> sender ``G|tid``: ...go (the transfer is expected, its blocks are reserved),
   or ``C|tid|reason``: no (cancelled, unknown, or the receiver gave up later);
-- sender -> receiver, with each layer's WRITE (NIXL delivers it after the data):
-  ``D|tid|layer``;
+- sender -> receiver, with each WRITE of one layer or of consecutive layers (NIXL delivers
+  it after the data): ``D|tid|layer`` or ``D|tid|first-last``;
 - receiver -> sender ``K|tid``: every layer is in (the sender's success);
 - sender -> receiver ``A|tid|reason``: the sender gave up;
 - sender -> receiver ``Q|tid``: after a failure, none of its writes is in flight any more
@@ -123,9 +123,19 @@ class Notif:
             raise KVTransferError("malformed transfer id in a ucx notification")
         kind = chr(raw[0])
         text = arg.decode("utf-8", errors="replace")
-        if kind == "D" and not (arg.isdigit() and len(arg) <= 6):
+        if kind == "D" and layer_span(text) is None:
             raise KVTransferError("malformed layer in a ucx notification")
         return cls(kind, tid.decode("ascii"), text)
+
+
+def layer_span(arg: str) -> range | None:
+    """The layers a ``D`` notification names ("7" or "3-9"), or None if malformed."""
+    first, dash, last = arg.partition("-")
+    if not first.isdigit() or len(first) > 6 or (dash and (not last.isdigit()
+                                                          or len(last) > 6)):
+        return None
+    lo, hi = int(first), int(last) if dash else int(first)
+    return range(lo, hi + 1) if lo <= hi else None
 
 
 def runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:

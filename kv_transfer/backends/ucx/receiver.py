@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from engine.errors import KVTransferError
 from engine.kv_layout import KVMemory
 from kv_transfer.backends.ucx.agent import AgentLoop
-from kv_transfer.backends.ucx.protocol import Notif, PeerInfo
+from kv_transfer.backends.ucx.protocol import Notif, PeerInfo, layer_span
 from kv_transfer.connector import ConnectorConfig, KVReceiver, PendingTransfer, TransferStats, now
 from kv_transfer.wire import Status, error_for_status
 
@@ -169,9 +169,8 @@ class UcxReceiver(KVReceiver):
             elif not self._closed:
                 self._early[tid] = (peer, time.monotonic() + self.config.early_grace_s)
         elif notif.kind == "D" and incoming is not None and incoming.sender == peer:
-            layer = int(notif.arg)
-            if 0 <= layer < self.memory.layout.num_layers:
-                incoming.layers.add(layer)
+            span = layer_span(notif.arg) or range(0)
+            incoming.layers.update(x for x in span if x < self.memory.layout.num_layers)
             if len(incoming.layers) == self.memory.layout.num_layers:
                 del self._active[tid]
                 self._remember(tid, Status.OK, "completed", True)

@@ -3,9 +3,11 @@ into a decode pod's reserved blocks, layer by layer (protocol.py describes the e
 
 ``layer_written`` only queues (engine thread). On the agent's loop thread a layer is posted
 once the receiver has let the transfer in and, on CUDA, once the layer's ready event has
-fired: one WRITE per layer whose descriptors are the runs of consecutive blocks on both
-sides (a fresh pool's blocks come in long runs: a few descriptors per layer), carrying the
-``D`` notification NIXL delivers after the data. Nothing goes through host memory.
+fired: one WRITE per run of consecutive layers written since the last look (a whole
+prompt at once when the forward is done before the grant comes, one layer at a time while it
+runs), whose descriptors are the runs of consecutive blocks on both sides (a fresh pool's
+blocks come in long runs: a few descriptors per layer), carrying the ``D`` notification
+NIXL delivers after the data. Nothing goes through host memory.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from engine.errors import KVTransferError, LayoutMismatchError
 from engine.kv_layout import KVMemory
@@ -54,7 +58,7 @@ class _State:
     peer: PeerInfo | None = None
     granted: bool = False
     queued: list[_Layer] = field(default_factory=list)
-    in_flight: dict[int, Any] = field(default_factory=dict)  # layer -> NIXL xfer handle
+    in_flight: dict[int, Any] = field(default_factory=dict)  # first layer -> NIXL xfer
     quiet_sent: bool = False
     failed_at: float | None = None  # when the transfer failed with WRITEs in flight
     last_ready: float = 0.0  # when the latest layer was seen written (its event fired)
@@ -246,25 +250,32 @@ class UcxSender(KVSender):
         handle._idle.set()
         self._handles.pop((handle.target.address, handle.transfer_id), None)
 
-    def _post(self, handle: UcxSendHandle, item: _Layer) -> None:
+    def _post(self, handle: UcxSendHandle, items: list[_Layer]) -> None:
+        """One WRITE for consecutive written layers (same blocks): each NIXL transfer costs a
+        set-up and a completion to poll, so a whole prompt written at once goes as one."""
         peer = handle.state.peer
         assert peer is not None
-        spans = runs(item.src, handle.target.block_ids)
         own = self._own
-        local = layer_descs(own.bases[item.layer], own.num_blocks, own.block_bytes, own.device,
-                            [(s, n) for s, _, n in spans])
-        remote = layer_descs(peer.bases[item.layer], peer.num_blocks, peer.block_bytes,
-                             peer.device, [(d, n) for _, d, n in spans])
+        local, remote = [], []
+        for item in items:
+            spans = runs(item.src, handle.target.block_ids)
+            local.append(layer_descs(own.bases[item.layer], own.num_blocks, own.block_bytes,
+                                     own.device, [(s, n) for s, _, n in spans]))
+            remote.append(layer_descs(peer.bases[item.layer], peer.num_blocks,
+                                      peer.block_bytes, peer.device,
+                                      [(d, n) for _, d, n in spans]))
+        first, last = items[0].layer, items[-1].layer
         agent = self._loop.agent
         xfer = agent.initialize_xfer(
-            "WRITE", agent.get_xfer_descs(local, own.mem_type),
-            agent.get_xfer_descs(remote, peer.mem_type), peer.agent,
-            Notif("D", handle.transfer_id, str(item.layer)).encode())
+            "WRITE", agent.get_xfer_descs(np.concatenate(local), own.mem_type),
+            agent.get_xfer_descs(np.concatenate(remote), peer.mem_type), peer.agent,
+            Notif("D", handle.transfer_id,
+                  str(first) if first == last else f"{first}-{last}").encode())
         state = agent.transfer(xfer)
         if state == "ERR":
             agent.release_xfer_handle(xfer)
-            raise KVTransferError(f"NIXL refused to post layer {item.layer}")
-        handle.state.in_flight[item.layer] = xfer
+            raise KVTransferError(f"NIXL refused to post layers {first}-{last}")
+        handle.state.in_flight[first] = xfer
 
     def _on_notif(self, peer: str, notif: Notif) -> None:
         handle = self._handles.get((peer, notif.transfer_id))
@@ -299,19 +310,32 @@ class UcxSender(KVSender):
                 del st.in_flight[layer]
                 agent.release_xfer_handle(xfer)
                 if state == "ERR":
-                    handle._abort(Status.ABORTED, f"the WRITE of layer {layer} failed")
+                    handle._abort(Status.ABORTED, f"the WRITE from layer {layer} failed")
             if handle.outcome.done():
                 self._settle(handle)
                 continue
             if st.granted:
-                for item in list(st.queued):
-                    if item.ready is None or item.ready.query():
-                        st.queued.remove(item)
-                        st.last_ready = item.written if item.ready is None else now()
-                        try:
-                            self._post(handle, item)
-                        except Exception as exc:
-                            log.exception("ucx: posting layer %d failed", item.layer)
-                            handle._abort(Status.ABORTED, f"posting layer {item.layer}: {exc}")
-                            break
+                written = [item for item in st.queued
+                           if item.ready is None or item.ready.query()]
+                for item in written:
+                    st.queued.remove(item)
+                    st.last_ready = max(st.last_ready,
+                                        item.written if item.ready is None else now())
+                try:
+                    for group in _consecutive(written):
+                        self._post(handle, group)
+                except Exception as exc:
+                    log.exception("ucx: posting layers of %r failed", handle.transfer_id)
+                    handle._abort(Status.ABORTED, f"posting layers: {exc}")
         return bool(self._handles)
+
+
+def _consecutive(items: list[_Layer]) -> list[list[_Layer]]:
+    """Written layers in runs of consecutive layers over the same blocks (one WRITE each)."""
+    out: list[list[_Layer]] = []
+    for item in sorted(items, key=lambda i: i.layer):
+        if out and out[-1][-1].layer + 1 == item.layer and out[-1][-1].src == item.src:
+            out[-1].append(item)
+        else:
+            out.append([item])
+    return out
