@@ -21,7 +21,7 @@ case "${1:-transfer}" in
   transfer)
     python3 -m pytest -q -p no:cacheprovider tests/kv_transfer/test_kv_cuda.py 2>&1 \
       | tee "$OUT/cuda_tests.txt"
-    python3 bench/kv_transfer.py --kinds nccl,ucx --repeats 5 --json "$OUT/kv_transfer.json" \
+    python3 bench/kv_transfer.py --kinds nccl,ucx,ucx-packed --repeats 5 --json "$OUT/kv_transfer.json" \
       2>&1 | grep -v Warning | tee "$OUT/kv_transfer.txt"
     ;;
   serving)

@@ -9,7 +9,10 @@ the ceilings for the same bytes: one raw NCCL send/recv of a contiguous buffer b
 two processes, and a peer copy cuda:0 -> cuda:1 in one process. A transfer's time runs
 from the sender's begin() to the moment the receiver has every layer in its blocks.
 
-    PYTHONPATH=. python3 bench/kv_transfer.py --kinds nccl,ucx --json out.json
+    PYTHONPATH=. python3 bench/kv_transfer.py --kinds nccl,ucx,ucx-packed --json out.json
+
+(``ucx-packed``: the ucx backend with a 1 GiB staging area, so fragmented blocks are
+gathered and scattered on the GPUs instead of going block by block.)
 """
 
 from __future__ import annotations
@@ -68,6 +71,13 @@ def _cases(seed: int) -> list[tuple[str, int, list[int], list[int]]]:
     return cases
 
 
+def _config(kind: str) -> Any:
+    """``ucx-packed``: the ucx backend with a 1 GiB staging area (ucx/staging.py)."""
+    from kv_transfer import ConnectorConfig
+
+    return ConnectorConfig(staging_bytes=1 << 30 if kind == "ucx-packed" else None)
+
+
 def _dump_stacks_if_stuck() -> None:
     """A run stuck for two minutes from here prints where every thread is, then ends,
     instead of hanging silently (each call restarts the clock)."""
@@ -89,7 +99,7 @@ def receiver_main(conn: Any, device: str, kinds: list[str], repeats: int,
     if not same_gpu:  # two NCCL ranks on one GPU are unsupported
         _raw_nccl(conn, device, rank=1, repeats=repeats)
     for kind in kinds:
-        receiver = make_receiver(kind, memory)
+        receiver = make_receiver(kind.removesuffix("-packed"), memory, _config(kind))
         conn.send((receiver.address, receiver.peer_info()))
         back = conn.recv()
         if back:
@@ -178,7 +188,7 @@ def sender_main(conn: Any, device: str, peer_device: str, kinds: list[str], repe
         rows.append({"kind": "peer-copy", "pattern": "contiguous", "blocks": n,
                      "mib": nbytes / 2**20, "gbps": nbytes / copies[n] / 1e9})
     for kind in kinds:
-        sender = make_sender(kind, memory)
+        sender = make_sender(kind.removesuffix("-packed"), memory, _config(kind))
         address, info = conn.recv()
         print(f"{kind}: handshake", flush=True)
         conn.send(sender.add_peer(address, info) if info else b"")
@@ -193,7 +203,8 @@ def sender_main(conn: Any, device: str, peer_device: str, kinds: list[str], repe
                 conn.send((tid, dst))
                 assert conn.recv() == "ready"
                 t0 = time.perf_counter()
-                handle = sender.begin(KVTargetSpec(kind, address, tid, tuple(dst),
+                handle = sender.begin(KVTargetSpec(kind.removesuffix("-packed"), address, tid,
+                                                   tuple(dst),
                                                    memory.fingerprint))
                 for layer in range(LAYERS):
                     handle.layer_written(layer, src, None)

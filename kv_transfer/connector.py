@@ -60,6 +60,9 @@ class ConnectorConfig:
     connect_timeout_s: float = 5.0
     early_grace_s: float = 5.0  # how long frames may wait for a late expect()
     max_early_bytes: int = 256 << 20
+    # The ucx backend's staging area for fragmented pools (ucx/staging.py); None: the
+    # backend's default (none yet); 0: none (scattered blocks go block by block).
+    staging_bytes: int | None = None
     # The shared service token (--grpc-token-file): the tcp backend's receiver admits only
     # senders that prove they hold it (an HMAC of a fresh challenge).
     token: str | None = field(default=None, repr=False)

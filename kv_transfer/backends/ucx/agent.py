@@ -16,6 +16,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import torch
+
 from engine.errors import KVTransferError
 from engine.kv_layout import KVMemory
 from kv_transfer.backends.ucx.protocol import Notif
@@ -42,9 +44,11 @@ def nixl_missing() -> str | None:
 
 class AgentLoop:
     def __init__(self, name: str, memory: KVMemory,
-                 on_notif: Callable[[str, Notif], None], on_tick: Callable[[], bool]) -> None:
+                 on_notif: Callable[[str, Notif], None], on_tick: Callable[[], bool],
+                 staging: torch.Tensor | None = None) -> None:
         """``on_notif(agent, notif)`` handles a peer's notification and ``on_tick()`` checks
         the owner's transfers (returning whether any is in flight); both on the loop thread.
+        ``staging``: a byte buffer registered beside the KV memory (staging.py).
         """
         why = nixl_missing()
         if why is not None:
@@ -59,7 +63,9 @@ class AgentLoop:
         self.agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=False,
                                                         backends=["UCX"]))
         self.mem_type = "VRAM" if memory.device.type == "cuda" else "DRAM"
-        self._registered = self.agent.register_memory(list(memory.layers))
+        regions = list(memory.layers) + ([staging] if staging is not None
+                                         and staging.numel() else [])
+        self._registered = self.agent.register_memory(regions)
         self.metadata: bytes = self.agent.get_agent_metadata()
         self._on_notif = on_notif
         self._on_tick = on_tick

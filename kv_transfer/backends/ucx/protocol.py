@@ -8,7 +8,8 @@ bytes are data, never code.
 A transfer, in notifications (``|``-separated ASCII; transfer ids are printable ASCII
 without ``|``):
 - sender -> receiver ``B|tid``: may I write? (sent at begin; nothing is written before...)
-- receiver -> sender ``G|tid``: ...go (the transfer is expected, its blocks are reserved),
+- receiver -> sender ``G|tid``: ...go (the transfer is expected, its blocks are reserved;
+  ``G|tid|offset``: write every layer packed into this slot of my staging area),
   or ``C|tid|reason``: no (cancelled, unknown, or the receiver gave up later);
 - sender -> receiver, with each WRITE of one layer or of consecutive layers (NIXL delivers
   it after the data): ``D|tid|layer`` or ``D|tid|first-last``;
@@ -21,19 +22,17 @@ without ``|``):
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass
-
-import numpy as np
 
 from engine.errors import KVTransferError
 from engine.kv_layout import KVMemory
 
 MAGIC = b"PDUX"
-VERSION = 1
+VERSION = 2
 # magic, version, mem type (0 DRAM, 1 VRAM), device id, layers, blocks, bytes per K (or V)
-# block, fingerprint (32 bytes, NUL padded), agent name length, metadata length
-_HEAD = struct.Struct("<4sHBxiIIQ32sHI")
+# block, fingerprint (32 bytes, NUL padded), agent name length, metadata length, staging
+# area address and size (staging.py)
+_HEAD = struct.Struct("<4sHBxiIIQ32sHIQQ")
 MAX_LAYERS = 4096
 MAX_NAME = 128
 MAX_METADATA = 64 << 20
@@ -54,21 +53,26 @@ class PeerInfo:
     num_blocks: int
     block_bytes: int  # bytes of one block's K (or V) in one layer
     bases: tuple[int, ...]  # per layer: the address of its [2, num_blocks, ...] tensor
+    staging: int = 0  # the address of its registered staging area
+    staging_bytes: int = 0
 
     @classmethod
-    def of(cls, memory: KVMemory, agent: str, metadata: bytes) -> PeerInfo:
+    def of(cls, memory: KVMemory, agent: str, metadata: bytes, staging: int = 0,
+           staging_bytes: int = 0) -> PeerInfo:
         layout = memory.layout
         return cls(agent=agent, metadata=metadata, fingerprint=memory.fingerprint,
                    mem_type="VRAM" if memory.device.type == "cuda" else "DRAM",
                    device=memory.device.index or 0, num_blocks=memory.num_blocks,
                    block_bytes=layout.block_bytes_per_layer // 2,
-                   bases=tuple(r.address for r in memory.regions()))
+                   bases=tuple(r.address for r in memory.regions()), staging=staging,
+                   staging_bytes=staging_bytes)
 
     def encode(self) -> bytes:
         name = self.agent.encode("ascii")
         head = _HEAD.pack(MAGIC, VERSION, MEM_TYPES.index(self.mem_type), self.device,
                           len(self.bases), self.num_blocks, self.block_bytes,
-                          self.fingerprint.encode("ascii"), len(name), len(self.metadata))
+                          self.fingerprint.encode("ascii"), len(name), len(self.metadata),
+                          self.staging, self.staging_bytes)
         return head + struct.pack(f"<{len(self.bases)}Q", *self.bases) + name + self.metadata
 
     @classmethod
@@ -79,7 +83,7 @@ class PeerInfo:
         if len(raw) < _HEAD.size:
             raise bad("too short")
         (magic, version, mem, device, layers, blocks, block_bytes, fingerprint, name_len,
-         md_len) = _HEAD.unpack_from(raw)
+         md_len, staging, staging_bytes) = _HEAD.unpack_from(raw)
         if magic != MAGIC or version != VERSION:
             raise bad("wrong magic or version")
         if mem >= len(MEM_TYPES) or not 0 < layers <= MAX_LAYERS or blocks == 0 \
@@ -94,7 +98,8 @@ class PeerInfo:
         fp = _ascii(fingerprint.rstrip(b"\0"), "fingerprint")
         return cls(agent=name, metadata=bytes(raw[at + name_len:]), fingerprint=fp,
                    mem_type=MEM_TYPES[mem], device=device, num_blocks=blocks,
-                   block_bytes=block_bytes, bases=tuple(bases))
+                   block_bytes=block_bytes, bases=tuple(bases), staging=staging,
+                   staging_bytes=staging_bytes)
 
 
 def _ascii(raw: bytes, what: str) -> str:
@@ -125,6 +130,8 @@ class Notif:
         text = arg.decode("utf-8", errors="replace")
         if kind == "D" and layer_span(text) is None:
             raise KVTransferError("malformed layer in a ucx notification")
+        if kind == "G" and text and not (text.isdigit() and len(text) <= 15):
+            raise KVTransferError("malformed staging offset in a ucx notification")
         return cls(kind, tid.decode("ascii"), text)
 
 
@@ -137,26 +144,3 @@ def layer_span(arg: str) -> range | None:
     lo, hi = int(first), int(last) if dash else int(first)
     return range(lo, hi + 1) if lo <= hi else None
 
-
-def runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
-    """(src start, dst start, length) of the maximal runs where both block lists go up by
-    one together: each run is one descriptor per K and V instead of one per block."""
-    out: list[tuple[int, int, int]] = []
-    for s, d in zip(src, dst, strict=True):
-        if out and out[-1][0] + out[-1][2] == s and out[-1][1] + out[-1][2] == d:
-            s0, d0, n = out[-1]
-            out[-1] = (s0, d0, n + 1)
-        else:
-            out.append((s, d, 1))
-    return out
-
-
-def layer_descs(base: int, num_blocks: int, block_bytes: int, device: int,
-                starts_lengths: list[tuple[int, int]]) -> np.ndarray:
-    """Nx3 (address, bytes, device) descriptors of one layer: K of every run, then V."""
-    rows = []
-    for half in (0, 1):  # the layer tensor is [2, num_blocks, ...]: K, then V
-        offset = base + half * num_blocks * block_bytes
-        rows += [(offset + start * block_bytes, length * block_bytes, device)
-                 for start, length in starts_lengths]
-    return np.array(rows, dtype=np.uint64)

@@ -12,6 +12,7 @@ NIXL delivers after the data. Nothing goes through host memory.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -21,11 +22,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from engine.errors import KVTransferError, LayoutMismatchError
 from engine.kv_layout import KVMemory
 from kv_transfer.backends.ucx.agent import AgentLoop
-from kv_transfer.backends.ucx.protocol import Notif, PeerInfo, layer_descs, runs
+from kv_transfer.backends.ucx.protocol import Notif, PeerInfo
+from kv_transfer.backends.ucx.staging import (
+    RUNS_TO_PACK,
+    block_addresses,
+    make_staging,
+    num_runs,
+    packed_addresses,
+    pieces,
+)
 from kv_transfer.connector import (
     ConnectorConfig,
     KVSender,
@@ -52,13 +62,26 @@ class _Layer:
 
 
 @dataclass(slots=True)
+class _Write:
+    """One WRITE of consecutive layers, and the slot of our staging area it reads from."""
+
+    items: list[_Layer]
+    slot: int | None = None
+    slot_bytes: int = 0
+    xfer: Any = None
+    packed: Any = None  # a CUDA event: the gather into the slot is done
+
+
+@dataclass(slots=True)
 class _State:
     """A handle's state on the loop thread."""
 
     peer: PeerInfo | None = None
     granted: bool = False
     queued: list[_Layer] = field(default_factory=list)
-    in_flight: dict[int, Any] = field(default_factory=dict)  # first layer -> NIXL xfer
+    in_flight: dict[int, _Write] = field(default_factory=dict)  # by its first layer
+    remote_slot: int | None = None  # the receiver's staging slot (G), if it gave one
+    gathering: list[_Write] = field(default_factory=list)  # packing, not yet posted
     quiet_sent: bool = False
     failed_at: float | None = None  # when the transfer failed with WRITEs in flight
     last_ready: float = 0.0  # when the latest layer was seen written (its event fired)
@@ -145,9 +168,13 @@ class UcxSender(KVSender):
         self._peers: dict[str, PeerInfo] = {}  # by agent name (a KVTarget's address)
         self._handles: dict[tuple[str, str], UcxSendHandle] = {}  # loop thread only
         self._closed = False
+        self._staging = make_staging(memory, config)
+        self._gather_stream = torch.cuda.Stream(memory.device) \
+            if memory.device.type == "cuda" else None
         self._loop = AgentLoop(f"pdserve-kv-send-{uuid.uuid4().hex[:12]}", memory,
-                               self._on_notif, self._on_tick)
-        self._own = PeerInfo.of(memory, self._loop.name, self._loop.metadata)
+                               self._on_notif, self._on_tick, self._staging.buffer)
+        self._own = PeerInfo.of(memory, self._loop.name, self._loop.metadata,
+                                self._staging.address, self._staging.size)
         self._info = self._own.encode()
 
     def add_peer(self, address: str, info: bytes) -> bytes:
@@ -232,16 +259,20 @@ class UcxSender(KVSender):
         blocks can at worst send garbage to a peer that no longer listens."""
         st = handle.state
         st.queued.clear()
+        for write in st.gathering:  # packed but never posted: nothing reads the slot
+            self._release(write)
+        st.gathering.clear()
         if st.in_flight:
             st.failed_at = st.failed_at or time.monotonic()
             if time.monotonic() - st.failed_at < _GIVE_UP_S:
                 return
-            for layer, xfer in list(st.in_flight.items()):
+            for layer, write in list(st.in_flight.items()):
                 try:
-                    self._loop.agent.release_xfer_handle(xfer)
+                    self._loop.agent.release_xfer_handle(write.xfer)
                 except Exception as exc:  # nixl could not cancel it; nothing else to do
                     log.warning("ucx: giving up on the WRITE of layer %d of %r: %s", layer,
                                 handle.transfer_id, exc)
+                self._release(write)
             st.in_flight.clear()
         failed = handle.outcome.done() and handle.outcome._error is not None
         if failed and st.granted and not st.quiet_sent and st.peer is not None:
@@ -250,20 +281,62 @@ class UcxSender(KVSender):
         handle._idle.set()
         self._handles.pop((handle.target.address, handle.transfer_id), None)
 
-    def _post(self, handle: UcxSendHandle, items: list[_Layer]) -> None:
+    def _pack(self, handle: UcxSendHandle, items: list[_Layer]) -> _Write:
+        """A WRITE of ``items``; scattered blocks are first gathered into a slot of our
+        staging area ([layer][K, V][block]) when one is free."""
+        write = _Write(items)
+        n = len(items[0].src)
+        if num_runs(items[0].src) <= RUNS_TO_PACK:
+            return write
+        nbytes = len(items) * n * self.memory.layout.block_bytes_per_layer
+        slot = self._staging.alloc(nbytes)
+        if slot is None:
+            return write  # block by block, then
+        write.slot, write.slot_bytes = slot, nbytes
+        index = torch.tensor(items[0].src, dtype=torch.long).to(self.memory.device)
+        stream = self._gather_stream
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for i, item in enumerate(items):
+                if item.ready is not None and stream is not None:
+                    stream.wait_event(item.ready)
+                packed = self.memory.layers[item.layer].index_select(1, index)
+                at = slot + i * (nbytes // len(items))
+                self._staging.view(at, nbytes // len(items)).copy_(
+                    packed.view(torch.uint8).view(-1))
+            if stream is not None:
+                write.packed = torch.cuda.Event()
+                write.packed.record(stream)
+        return write
+
+    def _release(self, write: _Write) -> None:
+        if write.slot is not None:
+            self._staging.free(write.slot, write.slot_bytes)
+            write.slot = None
+
+    def _post(self, handle: UcxSendHandle, write: _Write) -> None:
         """One WRITE for consecutive written layers (same blocks): each NIXL transfer costs a
-        set-up and a completion to poll, so a whole prompt written at once goes as one."""
+        set-up and a completion to poll, so a whole prompt written at once goes as one.
+        Descriptors pair block i of each side, merged where both sides are consecutive."""
         peer = handle.state.peer
         assert peer is not None
-        own = self._own
+        own, items = self._own, write.items
+        n, bb = len(items[0].src), own.block_bytes
+        remote_slot = handle.state.remote_slot
         local, remote = [], []
-        for item in items:
-            spans = runs(item.src, handle.target.block_ids)
-            local.append(layer_descs(own.bases[item.layer], own.num_blocks, own.block_bytes,
-                                     own.device, [(s, n) for s, _, n in spans]))
-            remote.append(layer_descs(peer.bases[item.layer], peer.num_blocks,
-                                      peer.block_bytes, peer.device,
-                                      [(d, n) for _, d, n in spans]))
+        for i, item in enumerate(items):
+            for half in (0, 1):
+                src = (packed_addresses(own.staging + write.slot + (2 * i + half) * n * bb, n, bb)
+                       if write.slot is not None else
+                       block_addresses(own.bases[item.layer], own.num_blocks, bb, half,
+                                       item.src))
+                dst = (packed_addresses(peer.staging + remote_slot
+                                        + (2 * item.layer + half) * n * bb, n, bb)
+                       if remote_slot is not None else
+                       block_addresses(peer.bases[item.layer], peer.num_blocks, bb, half,
+                                       handle.target.block_ids))
+                ours, theirs = pieces(src, dst, bb, own.device, peer.device)
+                local.append(ours)
+                remote.append(theirs)
         first, last = items[0].layer, items[-1].layer
         agent = self._loop.agent
         xfer = agent.initialize_xfer(
@@ -275,13 +348,24 @@ class UcxSender(KVSender):
         if state == "ERR":
             agent.release_xfer_handle(xfer)
             raise KVTransferError(f"NIXL refused to post layers {first}-{last}")
-        handle.state.in_flight[first] = xfer
+        write.xfer = xfer
+        handle.state.in_flight[first] = write
 
     def _on_notif(self, peer: str, notif: Notif) -> None:
         handle = self._handles.get((peer, notif.transfer_id))
         if handle is None:
             return  # a late notification for a transfer that is over here
         if notif.kind == "G":
+            if notif.arg:  # write packed into this slot of the receiver's staging area
+                slot = int(notif.arg)
+                nbytes = (handle.num_blocks * handle.num_layers
+                          * self.memory.layout.block_bytes_per_layer)
+                peer_info = handle.state.peer
+                if peer_info is None or slot + nbytes > peer_info.staging_bytes:
+                    handle._abort(Status.ABORTED, "the receiver granted a staging slot "
+                                                  "outside its staging area")
+                    return
+                handle.state.remote_slot = slot
             handle.state.granted = True
         elif notif.kind == "K":
             t = now()
@@ -303,12 +387,13 @@ class UcxSender(KVSender):
         agent = self._loop.agent
         for handle in list(self._handles.values()):
             st = handle.state
-            for layer, xfer in list(st.in_flight.items()):
-                state = agent.check_xfer_state(xfer)
+            for layer, write in list(st.in_flight.items()):
+                state = agent.check_xfer_state(write.xfer)
                 if state == "PROC":
                     continue
                 del st.in_flight[layer]
-                agent.release_xfer_handle(xfer)
+                agent.release_xfer_handle(write.xfer)
+                self._release(write)
                 if state == "ERR":
                     handle._abort(Status.ABORTED, f"the WRITE from layer {layer} failed")
             if handle.outcome.done():
@@ -322,8 +407,12 @@ class UcxSender(KVSender):
                     st.last_ready = max(st.last_ready,
                                         item.written if item.ready is None else now())
                 try:
-                    for group in _consecutive(written):
-                        self._post(handle, group)
+                    st.gathering += [self._pack(handle, group)
+                                     for group in _consecutive(written)]
+                    for write in [w for w in st.gathering
+                                  if w.packed is None or w.packed.query()]:
+                        st.gathering.remove(write)
+                        self._post(handle, write)
                 except Exception as exc:
                     log.exception("ucx: posting layers of %r failed", handle.transfer_id)
                     handle._abort(Status.ABORTED, f"posting layers: {exc}")
