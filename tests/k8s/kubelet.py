@@ -52,6 +52,9 @@ class LocalPod:
     ip: str
     root: Path
     extra_args: dict[str, list[str]] = field(default_factory=dict)  # container -> args
+    # Service names -> addresses, for the names the pod's own processes look up: cluster
+    # DNS comes through the resolv.conf kubelet writes, which a test cannot.
+    hosts: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     volumes: dict[str, Path] = field(default_factory=dict)
 
@@ -74,6 +77,8 @@ class LocalPod:
             pattern = re.compile(r"(?<![\w./-])(" + "|".join(map(re.escape, mounts)) +
                                  r")(?=/|$|[^\w.-])")
             text = pattern.sub(lambda m: str(mounts[m.group(1)]), text)
+        for name, address in self.hosts.items():
+            text = text.replace(name, address)
         return text.replace("0.0.0.0", self.ip)
 
     def make_volumes(self) -> None:

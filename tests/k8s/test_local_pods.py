@@ -92,6 +92,9 @@ def test_cpu_overlay_pods_run_as_the_manifests_say_and_serve_a_chat(cluster: dic
         assert r.config_get("save")["save"] == "" and r.config_get("appendonly")["appendonly"] \
             == "no"
 
+        for role in ("prefill", "decode"):  # their --kv-tier names Redis's Service
+            pods[role].hosts[service("pdserve-redis")] = pods["redis"].ip
+
         # The pods: init containers (make-model) in parallel, then their servers.
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
             list(pool.map(LocalPod.start, [pods[r] for r in ("prefill", "decode", "router")]))
@@ -132,6 +135,17 @@ def test_cpu_overlay_pods_run_as_the_manifests_say_and_serve_a_chat(cluster: dic
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=router_url + "/v1", api_key="wrong", max_retries=0
                           ).models.list()
+
+        # The shared KV tier is the Redis pod: a prompt longer than one 256-token chunk
+        # leaves its first chunk there once prefilled.
+        client.completions.create(model="default", prompt=[(7 * i) % 1000 + 3
+                                                           for i in range(300)],
+                                  max_tokens=2, temperature=0)
+        deadline = time.monotonic() + 20
+        while not r.keys("pdserve:kv:v1:*"):
+            assert time.monotonic() < deadline, (pods["prefill"].log("prefill")[-2000:],
+                                                 pods["decode"].log("decode")[-2000:])
+            time.sleep(0.2)
 
         # What the autoscalers and the dashboard read is what the pods export.
         exported = {role: _metric_names(http_get(f"http://{pods[role].ip}:9090/metrics")[1])
