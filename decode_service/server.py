@@ -128,6 +128,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 outputs = self.engine.generate(rid, prompt, params)
             self.metrics.prefill_decisions.labels("remote" if remote else "local").inc()
             first = True
+            counted = False
             async for out in outputs:
                 if first:
                     first_at = time.monotonic()
@@ -136,10 +137,16 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                         phases.add("decode_admission", entered, admitted)
                         phases.add("local_prefill", admitted, first_at)
                     phases.add("first_token", entered, first_at)
+                if out.finished and not counted:
+                    # before the last message goes out: a client that has it may end the
+                    # call at once, and this generator would never run past that yield
+                    self.metrics.requests.labels("decode", "ok").inc()
+                    counted = True
                 yield _response(out, first, remote_prefill=remote,
                                 phases={**phases.seconds(), **remote_phases} if first else None)
                 first = False
-            self.metrics.requests.labels("decode", "ok").inc()
+            if not counted:
+                self.metrics.requests.labels("decode", "ok").inc()
         except PdserveError as exc:
             self.metrics.requests.labels("decode", "error").inc()
             await context.abort(status_of(exc), exc.message)

@@ -134,7 +134,15 @@ async def _drain_scenario(stack: Stack) -> None:
 
     # The other pod served its own streams and every new request; the router saw the
     # victim say NOT_SERVING (or go away) and uses it no more.
-    other_ok_after = await asyncio.to_thread(_ok_count, stack, pods[other])
+    # (A pod counts a request once its call has ended, a moment after the client has the
+    # last token: the count is read until it is there.)
+    deadline = time.monotonic() + 10
+    while True:
+        other_ok_after = await asyncio.to_thread(_ok_count, stack, pods[other])
+        if other_ok_after - other_ok_before >= in_flight[other] + NEW_REQUESTS \
+                or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
     assert other_ok_after - other_ok_before == in_flight[other] + NEW_REQUESTS
     view = {p["address"]: p for p in await asyncio.to_thread(stack.decode_pods)}
     assert not view[victim]["healthy"] and view[other]["healthy"]
