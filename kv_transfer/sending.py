@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -21,44 +21,90 @@ from kv_transfer.packing import LayerPacker
 from kv_transfer.wire import FrameHeader, FrameKind, Status, error_for_status
 
 
-class BaseSendHandle(SendHandle):
-    def __init__(self, target: KVTargetSpec, layout: KVLayout, packer: LayerPacker) -> None:
+class TrackedSendHandle(SendHandle):
+    """What every backend's send handle keeps alike: which layers the forward reported
+    (each once, with the target's block count), when it stopped, and waiting for the
+    outcome. A backend says what an accepted layer does (``layer_written``) and how it
+    gives up (``_give_up``)."""
+
+    _WAITED_FOR = "acknowledged"  # what a wait that runs out was waiting for
+
+    def __init__(self, target: KVTargetSpec, num_layers: int) -> None:
         self.target = target
-        self.layout = layout
+        self.num_layers = num_layers
         self.num_blocks = len(target.block_ids)
-        self.layer_bytes = layout.packed_layer_bytes(self.num_blocks)
-        self._packer = packer
-        self._fingerprint = layout.fingerprint  # hashed on every access: compute once
+        self.outcome = Outcome()
         self._lock = threading.Lock()
-        self._sent = bytearray(layout.num_layers)
-        self._num_sent = 0
-        self._packing = 0  # layers queued in the packer: it may still read our blocks
+        self._written = bytearray(num_layers)
+        self._num_written = 0
         self._closed = False  # no more layers: wait() or cancel() was called
         self._started = now()
-        self._last_written = 0.0  # when the last layer was reported written
-        self.outcome = Outcome()
 
     @property
     def transfer_id(self) -> str:
         return self.target.transfer_id
 
-    def layer_written(self, layer: int, block_ids: Sequence[int], ready: Any | None) -> None:
-        if not 0 <= layer < self.layout.num_layers:
-            raise ValueError(f"layer {layer} outside 0..{self.layout.num_layers - 1}")
+    def _record(self, layer: int, block_ids: Sequence[int],
+                accept: Callable[[], bool] = lambda: True) -> bool:
+        """Check and count a written layer; True if it is to go out: the transfer has not
+        failed and ``accept()`` (called under the lock, for the backend's own count of
+        what still reads the blocks) agrees."""
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} outside 0..{self.num_layers - 1}")
         if len(block_ids) != self.num_blocks:
             raise ValueError(f"{len(block_ids)} blocks written, the target has "
                              f"{self.num_blocks}")
         with self._lock:
             if self._closed:
                 raise ValueError("layer_written() after wait() or cancel()")
-            if self._sent[layer]:
+            if self._written[layer]:
                 raise ValueError(f"layer {layer} sent twice")
-            self._sent[layer] = 1
-            self._num_sent += 1
+            self._written[layer] = 1
+            self._num_written += 1
+            return not self.outcome.done() and accept()
+
+    @abstractmethod
+    def _give_up(self, reason: str) -> None:
+        """Fail the transfer (if it is not over) and tell the receiver, best effort."""
+
+    def _close(self) -> None:
+        with self._lock:
+            self._closed = True
+            written = self._num_written
+        if written != self.num_layers:
+            self._give_up(f"the forward wrote {written} of {self.num_layers} layers")
+
+    def wait(self, timeout: float) -> TransferStats:
+        self._close()
+        if not self.outcome.wait_done(timeout):
+            self._give_up(f"not {self._WAITED_FOR} within {timeout:g}s")
+        return self.outcome.result()
+
+    async def wait_async(self, timeout: float) -> TransferStats:
+        self._close()
+        if not await self.outcome.wait_done_async(timeout):
+            self._give_up(f"not {self._WAITED_FOR} within {timeout:g}s")
+        return self.outcome.result()
+
+
+class BaseSendHandle(TrackedSendHandle):
+    def __init__(self, target: KVTargetSpec, layout: KVLayout, packer: LayerPacker) -> None:
+        super().__init__(target, layout.num_layers)
+        self.layout = layout
+        self.layer_bytes = layout.packed_layer_bytes(self.num_blocks)
+        self._packer = packer
+        self._fingerprint = layout.fingerprint  # hashed on every access: compute once
+        self._packing = 0  # layers queued in the packer: it may still read our blocks
+        self._last_written = 0.0  # when the last layer was reported written
+
+    def layer_written(self, layer: int, block_ids: Sequence[int], ready: Any | None) -> None:
+        def accept() -> bool:
             self._last_written = now()
-            if self.outcome.done():
-                return  # already failed: wait() reports why
             self._packing += 1
+            return True
+
+        if not self._record(layer, block_ids, accept):
+            return  # already failed: wait() reports why
         header = FrameHeader(
             kind=FrameKind.DATA, transfer_id=self.transfer_id, layer=layer,
             num_layers=self.layout.num_layers, payload_bytes=self.layer_bytes,
@@ -87,25 +133,8 @@ class BaseSendHandle(SendHandle):
     def cancel(self) -> None:
         self._abort(Status.ABORTED, "the sender aborted the transfer")
 
-    def _close(self) -> None:
-        with self._lock:
-            self._closed = True
-            sent = self._num_sent
-        if sent != self.layout.num_layers:
-            self._abort(Status.ABORTED, f"the forward wrote {sent} of "
-                                        f"{self.layout.num_layers} layers")
-
-    def wait(self, timeout: float) -> TransferStats:
-        self._close()
-        if not self.outcome.wait_done(timeout):
-            self._abort(Status.ABORTED, f"not acknowledged within {timeout:g}s")
-        return self.outcome.result()
-
-    async def wait_async(self, timeout: float) -> TransferStats:
-        self._close()
-        if not await self.outcome.wait_done_async(timeout):
-            self._abort(Status.ABORTED, f"not acknowledged within {timeout:g}s")
-        return self.outcome.result()
+    def _give_up(self, reason: str) -> None:
+        self._abort(Status.ABORTED, reason)
 
     def done(self) -> bool:
         return self.outcome.done()

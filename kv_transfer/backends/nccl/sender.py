@@ -42,13 +42,12 @@ from kv_transfer.connector import (
     ConnectorConfig,
     KVSender,
     KVTargetSpec,
-    Outcome,
-    SendHandle,
     TransferStats,
     check_layout,
     check_target,
     now,
 )
+from kv_transfer.sending import TrackedSendHandle
 
 log = logging.getLogger(__name__)
 # Packed (gathered) bytes a link may have on the wire at once; past it, posting waits for
@@ -76,45 +75,28 @@ class _Job:
     ready: Any | None
 
 
-class NcclSendHandle(SendHandle):
+class NcclSendHandle(TrackedSendHandle):
+    _WAITED_FOR = "sent"
+
     def __init__(self, sender: NcclSender, target: KVTargetSpec, link: _SendLink | None
                  ) -> None:
-        self.target = target
+        super().__init__(target, sender.memory.layout.num_layers)
         self.link = link
-        self.num_layers = sender.memory.layout.num_layers
-        self.num_blocks = len(target.block_ids)
         self.layer_bytes = sender.memory.layout.block_bytes_per_layer * self.num_blocks
-        self.outcome = Outcome()
-        self._lock = threading.Lock()
-        self._written = bytearray(self.num_layers)
-        self._num_written = 0
         self._completed = 0  # layers whose send finished
         self._in_flight = 0  # layers queued or on the wire: they read our blocks
-        self._closed = False
-        self._started = now()
         self.last_ready = 0.0  # when the latest layer's compute was seen done
 
-    @property
-    def transfer_id(self) -> str:
-        return self.target.transfer_id
-
     def layer_written(self, layer: int, block_ids: Sequence[int], ready: Any | None) -> None:
-        if not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer {layer} outside 0..{self.num_layers - 1}")
-        if len(block_ids) != self.num_blocks:
-            raise ValueError(f"{len(block_ids)} blocks written, the target has "
-                             f"{self.num_blocks}")
-        with self._lock:
-            if self._closed:
-                raise ValueError("layer_written() after wait() or cancel()")
-            if self._written[layer]:
-                raise ValueError(f"layer {layer} sent twice")
-            self._written[layer] = 1
-            self._num_written += 1
-            if self.outcome.done() or self.link is None:
-                return
+        def accept() -> bool:
+            if self.link is None:
+                return False
             self._in_flight += 1
-        self.link.jobs.put(_Job(self, layer, list(block_ids), ready))
+            return True
+
+        if self._record(layer, block_ids, accept):
+            assert self.link is not None
+            self.link.jobs.put(_Job(self, layer, list(block_ids), ready))
 
     def finished(self) -> bool:
         with self._lock:
@@ -142,24 +124,8 @@ class NcclSendHandle(SendHandle):
         if self.outcome.resolve(error=error) and tell and self.link is not None:
             self.link.jobs.put(_Job(self, -1, [], None))  # an ABORT header, in order
 
-    def _close(self) -> None:
-        with self._lock:
-            self._closed = True
-            written = self._num_written
-        if written != self.num_layers:
-            self._fail(f"the forward wrote {written} of {self.num_layers} layers", tell=True)
-
-    def wait(self, timeout: float) -> TransferStats:
-        self._close()
-        if not self.outcome.wait_done(timeout):
-            self._fail(f"not sent within {timeout:g}s", tell=True)
-        return self.outcome.result()
-
-    async def wait_async(self, timeout: float) -> TransferStats:
-        self._close()
-        if not await self.outcome.wait_done_async(timeout):
-            self._fail(f"not sent within {timeout:g}s", tell=True)
-        return self.outcome.result()
+    def _give_up(self, reason: str) -> None:
+        self._fail(reason, tell=True)
 
 
 @dataclass(slots=True)

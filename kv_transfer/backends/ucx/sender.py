@@ -40,13 +40,12 @@ from kv_transfer.connector import (
     ConnectorConfig,
     KVSender,
     KVTargetSpec,
-    Outcome,
-    SendHandle,
     TransferStats,
     check_layout,
     check_target,
     now,
 )
+from kv_transfer.sending import TrackedSendHandle
 from kv_transfer.wire import Status, error_for_status
 
 log = logging.getLogger(__name__)
@@ -87,43 +86,21 @@ class _State:
     last_ready: float = 0.0  # when the latest layer was seen written (its event fired)
 
 
-class UcxSendHandle(SendHandle):
+class UcxSendHandle(TrackedSendHandle):
     def __init__(self, sender: UcxSender, target: KVTargetSpec) -> None:
+        super().__init__(target, sender.memory.layout.num_layers)
         self.sender = sender
-        self.target = target
-        layout = sender.memory.layout
-        self.num_layers = layout.num_layers
-        self.num_blocks = len(target.block_ids)
-        self.outcome = Outcome()
-        self._lock = threading.Lock()
-        self._written = bytearray(self.num_layers)
-        self._num_written = 0
-        self._closed = False
         self._idle = threading.Event()  # no WRITE of ours is in flight (loop thread sets it)
         self._idle.set()
-        self._started = now()
         self.state = _State()
 
-    @property
-    def transfer_id(self) -> str:
-        return self.target.transfer_id
-
     def layer_written(self, layer: int, block_ids: Sequence[int], ready: Any | None) -> None:
-        if not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer {layer} outside 0..{self.num_layers - 1}")
-        if len(block_ids) != self.num_blocks:
-            raise ValueError(f"{len(block_ids)} blocks written, the target has "
-                             f"{self.num_blocks}")
-        with self._lock:
-            if self._closed:
-                raise ValueError("layer_written() after wait() or cancel()")
-            if self._written[layer]:
-                raise ValueError(f"layer {layer} sent twice")
-            self._written[layer] = 1
-            self._num_written += 1
-            if self.outcome.done():
-                return
+        def accept() -> bool:
             self._idle.clear()
+            return True
+
+        if not self._record(layer, block_ids, accept):
+            return
         item = _Layer(layer, list(block_ids), ready)
         self.sender._loop.call(lambda: self.sender._queue(self, item))
 
@@ -133,25 +110,8 @@ class UcxSendHandle(SendHandle):
     def cancel(self) -> None:
         self._abort(Status.ABORTED, "the sender aborted the transfer")
 
-    def _close(self) -> None:
-        with self._lock:
-            self._closed = True
-            written = self._num_written
-        if written != self.num_layers:
-            self._abort(Status.ABORTED, f"the forward wrote {written} of {self.num_layers} "
-                                        f"layers")
-
-    def wait(self, timeout: float) -> TransferStats:
-        self._close()
-        if not self.outcome.wait_done(timeout):
-            self._abort(Status.ABORTED, f"not acknowledged within {timeout:g}s")
-        return self.outcome.result()
-
-    async def wait_async(self, timeout: float) -> TransferStats:
-        self._close()
-        if not await self.outcome.wait_done_async(timeout):
-            self._abort(Status.ABORTED, f"not acknowledged within {timeout:g}s")
-        return self.outcome.result()
+    def _give_up(self, reason: str) -> None:
+        self._abort(Status.ABORTED, reason)
 
     def _abort(self, status: Status, reason: str) -> None:
         with self._lock:
