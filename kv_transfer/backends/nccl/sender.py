@@ -269,6 +269,11 @@ class NcclSender(KVSender):
         n = len(batch[0].block_ids)
         handle.last_ready = now()  # every layer of the batch is written
         sl.control.send(Header(DATA, handle.transfer_id, batch[0].layer, len(batch), n))
+        start = one_run(batch[0].block_ids)  # a batch shares its blocks (_batches)
+        if start is None:
+            with torch.cuda.stream(gather):
+                idx = torch.tensor(batch[0].block_ids, dtype=torch.long).to(
+                    self.memory.device, non_blocking=True)
         for chunk in _chunks(batch):
             while sum(s.packed_bytes for s in sent) > _PACKED_BUDGET:
                 sent[:] = self._reap(link, sent)
@@ -278,7 +283,6 @@ class NcclSender(KVSender):
             packed_bytes = 0
             for job in chunk:
                 cache = self.memory.layers[job.layer]
-                start = one_run(job.block_ids)
                 if start is not None:  # one run: K and V go straight from the cache
                     parts += [cache[0, start:start + n], cache[1, start:start + n]]
                     if job.ready is not None:  # written already; this orders the streams
@@ -287,8 +291,6 @@ class NcclSender(KVSender):
                 with torch.cuda.stream(gather):
                     if job.ready is not None:
                         gather.wait_event(job.ready)
-                    idx = torch.tensor(job.block_ids, dtype=torch.long).to(
-                        self.memory.device, non_blocking=True)
                     packed = cache.index_select(1, idx)
                     gathered = torch.cuda.Event()
                     gathered.record(gather)

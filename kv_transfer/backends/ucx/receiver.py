@@ -42,6 +42,7 @@ class _Incoming:
     sender: str | None = None  # the agent let in (G); only its notifications count
     layers: set[int] = field(default_factory=set)
     slot: int | None = None  # its staging slot: layers land there, then are scattered
+    index: torch.Tensor | None = None  # with a slot: the block ids, on the cache's device
     scattering: list[tuple[range, Any]] = field(default_factory=list)  # (layers, event)
 
     @property
@@ -141,6 +142,9 @@ class UcxReceiver(KVReceiver):
         incoming.sender = sender
         if num_runs(incoming.block_ids) > RUNS_TO_PACK:
             incoming.slot = self._staging.alloc(self._slot_bytes(incoming))
+            if incoming.slot is not None:
+                incoming.index = torch.tensor(incoming.block_ids, dtype=torch.long).to(
+                    self.memory.device)
         self._loop.notify(sender, Notif("G", tid, "" if incoming.slot is None
                                         else str(incoming.slot)))
 
@@ -149,9 +153,8 @@ class UcxReceiver(KVReceiver):
 
     def _scatter(self, incoming: _Incoming, span: range) -> None:
         """Layers ``span`` have landed in the transfer's slot: into the blocks with them."""
-        assert incoming.slot is not None
-        layout, n = self.memory.layout, incoming.num_blocks
-        index = torch.tensor(incoming.block_ids, dtype=torch.long).to(self.memory.device)
+        assert incoming.slot is not None and incoming.index is not None
+        layout, n, index = self.memory.layout, incoming.num_blocks, incoming.index
         stream = self._scatter_stream
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             for layer in span:
@@ -164,7 +167,7 @@ class UcxReceiver(KVReceiver):
                 return
             done = torch.cuda.Event()
             done.record(stream)
-        incoming.scattering.append((span, (done, index)))
+        incoming.scattering.append((span, done))
 
     def _free_slot(self, incoming: _Incoming) -> None:
         if incoming.slot is not None:
@@ -183,7 +186,7 @@ class UcxReceiver(KVReceiver):
         if incoming is None:
             return
         incoming.pending.outcome.resolve(error=error)
-        for _, (done, _) in incoming.scattering:  # our own writes into the blocks end first
+        for _, done in incoming.scattering:  # our own writes into the blocks end first
             done.synchronize()
         if incoming.sender is None:
             incoming.pending.mark_quiet()  # nobody was ever allowed to write
@@ -265,11 +268,11 @@ class UcxReceiver(KVReceiver):
         for tid, incoming in list(self._active.items()):
             if incoming.scattering:
                 still = []
-                for span, (done, index) in incoming.scattering:
+                for span, done in incoming.scattering:
                     if done.query():
                         incoming.layers.update(span)
                     else:
-                        still.append((span, (done, index)))
+                        still.append((span, done))
                 incoming.scattering = still
                 self._complete_if_done(tid, incoming)
         return bool(self._active or self._quiescing or self._early)
