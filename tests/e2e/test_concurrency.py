@@ -78,15 +78,16 @@ def test_concurrent_streams_are_spread_over_both_decode_pods(stack_2p2d: Stack) 
 
     async def run() -> list[dict]:
         async with stack.async_client() as client:
-            # long and heavy (two sequences, logprobs): each runs for seconds, so all four
-            # are still running when /pools is read
-            streams = [await client.completions.create(
+            # long and heavy (two sequences, logprobs): each runs for seconds, and all four
+            # start together (one after another, the first could end before the last
+            # began), so all four are still running when /pools is read
+            streams = await asyncio.gather(*(client.completions.create(
                 model=stack.model, prompt=[5 + i] * 40, max_tokens=1900, temperature=0,
                 n=2, logprobs=5, stream=True, extra_body={"ignore_eos": True})
-                for i in range(4)]
+                for i in range(4)))
             try:
-                for stream in streams:  # every request has started generating
-                    await anext(aiter(stream))
+                # every request has started generating
+                await asyncio.gather(*(anext(aiter(stream)) for stream in streams))
                 # The router's own count is immediate; the pods' "running" is their load as
                 # last polled (every 0.5 s), so it is read until a poll has seen them all.
                 first = await asyncio.to_thread(stack.decode_pods)
