@@ -72,17 +72,27 @@ async def _stream(client: Any, stack: Stack, prompt: list[int], max_tokens: int,
     return ids, finish, None
 
 
-async def _kill_during_streams(stack: Stack, pod: str) -> tuple[list[tuple], float]:
-    """Start 4 long streams, kill -9 ``pod`` once all are streaming; their results and
-    the time of the kill."""
+def _busiest_decode_pod(stack: Stack) -> str:
+    """The name of the decode pod with the most requests in flight (the router's count)."""
+    in_flight = {p["address"]: p["router_in_flight"] for p in stack.decode_pods()}
+    names = {address: name for name, (_, address) in _pids(stack).items()
+             if name.startswith("decode-")}
+    return names[max(in_flight, key=lambda a: in_flight[a])]
+
+
+async def _kill_during_streams(stack: Stack, pod: str | None) -> tuple[list[tuple], float, str]:
+    """Start 4 long streams, kill -9 ``pod`` (None: the decode pod holding the most of them)
+    once all are streaming; their results, the time of the kill and the pod killed."""
     async with stack.async_client() as client:
         events = [asyncio.Event() for _ in PROMPTS]
         tasks = [asyncio.create_task(_stream(client, stack, p, LONG, e))
                  for p, e in zip(PROMPTS, events, strict=True)]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 60)
+        if pod is None:
+            pod = await asyncio.to_thread(_busiest_decode_pod, stack)
         os.kill(_pids(stack)[pod][0], signal.SIGKILL)
         killed = time.monotonic()
-        return list(await asyncio.gather(*tasks)), killed
+        return list(await asyncio.gather(*tasks)), killed, pod
 
 
 async def _short_requests(stack: Stack) -> list[tuple]:
@@ -117,8 +127,11 @@ def test_a_killed_decode_pod_fails_only_its_streams_and_comes_back(fleet: Stack)
     stack = fleet
     want_long = hf_greedy(stack.model_dir, PROMPTS, CHECKED)
     want_short = [w[:SHORT] for w in want_long]
-    old_pid, address = _pids(stack)["decode-0"]
-    results, killed = asyncio.run(_kill_during_streams(stack, "decode-0"))
+    before = _pids(stack)
+    # the pod that holds the most streams (a pod whose streams all ended before the kill
+    # would show nothing)
+    results, killed, victim = asyncio.run(_kill_during_streams(stack, None))
+    old_pid, address = before[victim]
     failed = [r for r in results if r[2] is not None]
     assert failed, "no stream was on the killed pod"
     assert all(r[2] - killed < 5 for r in failed), [r[2] - killed for r in failed]
@@ -132,8 +145,8 @@ def test_a_killed_decode_pod_fails_only_its_streams_and_comes_back(fleet: Stack)
     time.sleep(max(0.0, killed + 1 - time.monotonic()))
     after = asyncio.run(_short_requests(stack))
     assert [(ids, finish) for ids, finish, _ in after] == [(w, "length") for w in want_short]
-    _wait_back(stack, "decode-0", old_pid, 30)
-    print(f"decode-0 back (healthy in /pools) {time.monotonic() - killed:.1f} s after the kill")
+    _wait_back(stack, victim, old_pid, 30)
+    print(f"{victim} back (healthy in /pools) {time.monotonic() - killed:.1f} s after the kill")
     # it takes traffic: a fresh process, so every request its counter shows is new
     results, _ = asyncio.run(_streams_and_pools(stack))
     assert all(r[1] == "length" and r[0][:CHECKED] == w
@@ -142,7 +155,7 @@ def test_a_killed_decode_pod_fails_only_its_streams_and_comes_back(fleet: Stack)
     assert stack.pod_metric(back, "pdserve:requests_total", 'outcome="ok",role="decode"') > 0
     pods = _idle_everywhere(stack)
     assert all(p["free_blocks"] == p["total_blocks"] for p in pods), pods
-    assert _pids(stack)["decode-0"][1] == address  # on its port again
+    assert _pids(stack)[victim][1] == address  # on its port again
 
 
 async def _streams_and_pools(stack: Stack) -> tuple[tuple[list, list[dict]], None]:
@@ -159,7 +172,7 @@ def test_a_killed_prefill_pod_lets_streams_complete_and_comes_back(fleet: Stack)
     stack = fleet
     want_long = hf_greedy(stack.model_dir, PROMPTS, CHECKED)
     old_pid, _ = _pids(stack)["prefill-0"]
-    results, killed = asyncio.run(_kill_during_streams(stack, "prefill-0"))
+    results, killed, _ = asyncio.run(_kill_during_streams(stack, "prefill-0"))
     assert [(ids[:CHECKED], len(ids), finish) for ids, finish, _ in results] == [
         (w, LONG, "length") for w in want_long]
     time.sleep(max(0.0, killed + 1 - time.monotonic()))
