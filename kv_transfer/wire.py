@@ -187,11 +187,14 @@ def control_frame(kind: FrameKind, transfer_id: str, status: Status, message: st
     return header.encode() + body
 
 
-def _block_index(block_ids: Sequence[int], num_blocks: int, device: torch.device) -> torch.Tensor:
+def block_index(block_ids: Sequence[int], num_blocks: int, device: torch.device) -> torch.Tensor:
     ids = [int(b) for b in block_ids]
-    # Checked in Python: on a short list that is cheaper than tensor min/max per layer.
+    # Checked in Python: on a short list that is cheaper than tensor min/max per layer, and
+    # on a GPU a tensor check would wait for the device.
     if ids and (min(ids) < 0 or max(ids) >= num_blocks):
         raise ValueError(f"block ids outside 0..{num_blocks - 1}")
+    if len(set(ids)) != len(ids):
+        raise ValueError("block ids repeat")
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
@@ -204,7 +207,7 @@ def pack_layer(kv_layer: torch.Tensor, block_ids: Sequence[int]) -> torch.Tensor
     if kv_layer.ndim != 5 or kv_layer.shape[0] != 2:
         raise ValueError(f"kv_layer must be [2, num_blocks, block_size, Hk, D], got "
                          f"{tuple(kv_layer.shape)}")
-    idx = _block_index(block_ids, kv_layer.shape[1], kv_layer.device)
+    idx = block_index(block_ids, kv_layer.shape[1], kv_layer.device)
     return kv_layer.index_select(1, idx)
 
 
@@ -214,19 +217,19 @@ def scatter_layer(kv_layer: torch.Tensor, block_ids: Sequence[int] | torch.Tenso
 
     ``packed`` may live on another device (a CPU staging buffer for GPU KV); it is moved
     to ``kv_layer``'s device here. ``block_ids`` may be a prepared long index tensor on
-    ``kv_layer``'s device (the receivers build it once per transfer).
+    ``kv_layer``'s device, built once per transfer by a caller that checked the ids (in
+    range, no repeats: ``KVMemory.check_block_ids``); a check here would make a GPU
+    receiver wait for the device on every layer.
     """
     if isinstance(block_ids, torch.Tensor):
         idx = block_ids
     else:
-        idx = _block_index(block_ids, kv_layer.shape[1], kv_layer.device)
+        idx = block_index(block_ids, kv_layer.shape[1], kv_layer.device)
     expected = (2, idx.numel(), *kv_layer.shape[2:])
     if tuple(packed.shape) != expected:
         raise ValueError(f"packed shape {tuple(packed.shape)} != {expected}")
     if packed.dtype != kv_layer.dtype:
         raise ValueError(f"packed dtype {packed.dtype} != cache dtype {kv_layer.dtype}")
-    if torch.unique(idx).numel() != idx.numel():
-        raise ValueError("block ids repeat")
     dst = block_bytes(kv_layer)
     if dst is not None:
         src = packed.to("cpu").contiguous().view(torch.uint8).view(2, idx.numel(), -1).numpy()

@@ -45,7 +45,7 @@ import xxhash
 
 from engine.kv_layout import KVLayout
 from engine.prefix_hash import CHUNK_TOKENS, HASH_BYTES, blocks_per_chunk
-from kv_transfer.wire import dtype_code, pack_layer, scatter_layer
+from kv_transfer.wire import block_index, dtype_code, pack_layer, scatter_layer
 
 MAGIC = b"PDKT"
 FORMAT_VERSION = 1
@@ -189,12 +189,7 @@ def payload_layer(spec: ChunkSpec, payload: memoryview, layer: int) -> torch.Ten
     the payload's memory (no copy). Read it only: the memory may be shared (host tier)."""
     if len(payload) != spec.payload_bytes or not 0 <= layer < spec.layout.num_layers:
         raise ValueError("payload or layer index does not match the chunk spec")
-    raw = np.frombuffer(payload, dtype=np.uint8, count=spec.layer_bytes,
-                        offset=layer * spec.layer_bytes)
-    with warnings.catch_warnings():
-        # torch warns that the buffer is read-only; the view is only ever read.
-        warnings.simplefilter("ignore", UserWarning)
-        tensor = torch.from_numpy(raw)
+    tensor = _host_bytes(payload)[layer * spec.layer_bytes:(layer + 1) * spec.layer_bytes]
     return tensor.view(spec.layout.torch_dtype).view(spec.layer_shape)
 
 
@@ -204,5 +199,25 @@ def scatter_chunk(spec: ChunkSpec, kv_layers: Sequence[torch.Tensor], block_ids:
     if len(block_ids) != spec.blocks or len(kv_layers) != spec.layout.num_layers:
         raise ValueError(f"a chunk fills {spec.blocks} blocks of {spec.layout.num_layers} "
                          f"layers, got {len(block_ids)} blocks of {len(kv_layers)} layers")
+    device = kv_layers[0].device
+    if device.type == "cpu":
+        for i, kv in enumerate(kv_layers):
+            scatter_layer(kv, block_ids, payload_layer(spec, payload, i))
+        return
+    # A device cache: one host-to-device copy of the whole payload and one index, then a
+    # scatter per layer on the device. Per layer, each copy from pageable memory would wait
+    # for the device (32 waits per chunk of an 8B model).
+    if len(payload) != spec.payload_bytes:
+        raise ValueError("payload does not match the chunk spec")
+    on_device = _host_bytes(payload).to(device)
+    index = block_index(block_ids, kv_layers[0].shape[1], device)
     for i, kv in enumerate(kv_layers):
-        scatter_layer(kv, block_ids, payload_layer(spec, payload, i))
+        layer = on_device[i * spec.layer_bytes:(i + 1) * spec.layer_bytes]
+        scatter_layer(kv, index, layer.view(spec.layout.torch_dtype).view(spec.layer_shape))
+
+
+def _host_bytes(payload: memoryview) -> torch.Tensor:
+    """A read-only buffer as a uint8 CPU tensor sharing its memory (only ever read)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's read-only buffer warning
+        return torch.from_numpy(np.frombuffer(payload, dtype=np.uint8))

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The GPU measurements of issues 9, 10, 13 and 14, in steps so each device call stays under
+# its 10-minute limit; several steps may go in one call (`bash bench/gpu_steps.sh model
+# structured`). Steps that start two pods on two GPUs need nvidia-h200-x2.
+# Carry what bench/gpu_wheels.sh makes: .whl/nixl (57 MB) alone in the first call, then
+# .whl/base, .whl/extra, .whl/bin and the generated protos/pdserve_pb2*.py* (`make
+# install` makes them); they stay installed while the machine is held.
+#   model       make the random bf16 Llama-3-8B-shaped model in /tmp/m8b (on the GPU)
+#   structured  issue 14: sampler per step, decode tok/s with a JSON schema vs unconstrained
+#   cuda-tests  the connectors' and the tier's CUDA tests
+#   transfer    issue 9: bench/kv_transfer.py, nccl / ucx / ucx-packed vs raw NCCL and copy
+#   serving     issue 9: 8B model through pdserve up: exactness and TTFT, nccl and ucx
+#   streams     issue 9: 64 streams through the router vs the CUDA-graph step alone
+#   tier        issue 10: TTFT of 4k and 16k prefixes, tier hit vs recompute, 8B model
+#   disagg      issue 13: 1P1D vs 2 colocated replicas, one trace, rising rates
+# Results go to $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source bench/gpu_env.sh
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+M8B=/tmp/m8b
+make_8b() {
+  [ -f "$M8B/config.json" ] || python3 -m pdserve.cli make-model --arch llama --out "$M8B" \
+    --layers 32 --hidden 4096 --heads 32 --kv-heads 8 --intermediate 14336 --vocab 128256 \
+    --dtype bfloat16 --max-position-embeddings 65536 --device cuda 2>&1 | tail -1
+}
+for step in "${@:-transfer}"; do
+  echo "== $step ($(date +%T))"
+  case "$step" in
+    model) make_8b ;;
+    structured)
+      python3 bench/sampler_bench.py --device cuda --batches 1,64,256 --repeat 5 --warmup 2 \
+        2>&1 | tee "$OUT/sampler_gpu.txt"
+      [ -f /tmp/m1b/config.json ] || python3 -m pdserve.cli make-model --arch llama \
+        --out /tmp/m1b --layers 16 --hidden 2048 --heads 32 --kv-heads 8 --intermediate 8192 \
+        --vocab 128256 --dtype bfloat16 --device cuda 2>&1 | tail -1
+      python3 bench/structured_bench.py --model /tmp/m1b --device cuda --dtype bfloat16 \
+        --batches 1,32 --max-tokens 128 --repeat 2 2>&1 | tee "$OUT/structured_gpu.txt"
+      ;;
+    cuda-tests)
+      python3 -m pytest -q -p no:cacheprovider tests/kv_transfer/test_kv_cuda.py \
+        tests/kv_transfer/tier/test_tier_codec.py 2>&1 | tee "$OUT/cuda_tests.txt"
+      ;;
+    transfer)
+      python3 bench/kv_transfer.py --kinds nccl,ucx,ucx-packed --repeats 5 \
+        --json "$OUT/kv_transfer.json" 2>&1 | grep -v Warning | tee "$OUT/kv_transfer.txt"
+      ;;
+    serving)
+      make_8b
+      python3 bench/gpu_serving.py --model "$M8B" --systems colocated,nccl,ucx --repeats 2 \
+        --json "$OUT/serving_8b.json" 2>&1 | tee "$OUT/serving_8b.txt"
+      ;;
+    streams)
+      make_8b
+      python3 bench/gpu_streams.py --model "$M8B" --streams 64 --input-len 128 \
+        --output-len 512 --connector "${CONNECTOR:-nccl}" --json "$OUT/streams.json" 2>&1 \
+        | tee "$OUT/streams.txt"
+      ;;
+    tier)
+      make_8b
+      python3 bench/kv_tier_ttft.py --model "$M8B" --device cuda --dtype bfloat16 \
+        --prefixes 4096,16384 --repeat "${TIER_REPEAT:-3}" --max-num-batched-tokens 8192 \
+        2>&1 | tee "$OUT/tier_gpu.txt"
+      ;;
+    disagg)
+      make_8b
+      python3 bench/gpu_disagg.py --model "$M8B" --device cuda --connector "${CONNECTOR:-nccl}" \
+        --rates "${RATES:-2,4,8,12}" --num-requests "${REQUESTS:-48}" --out "$OUT/disagg" \
+        2>&1 | tee "$OUT/disagg.txt"
+      ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
