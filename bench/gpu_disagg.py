@@ -154,7 +154,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--slo-tpot-ms", type=float, default=50.0)
     p.add_argument("--stop-below", type=float, default=0.5,
                    help="stop a system's sweep after a rate where fewer requests met the SLO")
-    p.add_argument("--warmup", type=int, default=4, help="unmeasured requests per system")
+    p.add_argument("--warmup", type=int, default=32,
+                   help="unmeasured requests per system (the trace's lengths, highest rate)")
     p.add_argument("--pod-args", default="", help="passed to pdserve up --pod-args")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
@@ -214,8 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     vocab = vocab_of(args.model)
     items = build_workload(args.seed, args.num_requests, vocab, args.input_len,
                            args.output_len)
-    warm = build_workload(args.seed + 1, args.warmup, vocab, args.input_len,
-                          LengthDist("fixed", 8, 8))
+    # the warm-up is the trace's kind of traffic at the highest rate: short warm-ups left the
+    # first measured rate paying for first-seen shapes (kernels compiled on first use)
+    warm = build_workload(args.seed + 1, args.warmup, vocab, args.input_len, args.output_len)
+    schedule(warm, max(args.rates), "poisson", args.seed + 1)
     signal.signal(signal.SIGTERM, _interrupt)  # unwinds like Ctrl-C: servers are stopped
     print(f"{args.model}: {len(items)} requests per rate, input {args.input_len.describe()}, "
           f"output {args.output_len.describe()}, rates {args.rates}, SLO TTFT <= "

@@ -142,7 +142,8 @@ def main() -> int:
     try:
         import httpx
 
-        model = httpx.get(f"{url}/models", timeout=30).json()["data"][0]["id"]
+        base = url.rstrip("/").removesuffix("/v1")  # start() gives the API's /v1 URL
+        model = httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
         served_rate(url, model, 8, args.input_len, 16, config["vocab_size"], 1)  # warm up
         print("warmed up", flush=True)
         served = served_rate(url, model, args.streams, args.input_len, args.output_len,

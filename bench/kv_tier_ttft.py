@@ -99,10 +99,14 @@ def measure_prefix(model: Path, args: argparse.Namespace, prefix_len: int, redis
     try:
         host_engine = LLMEngine(model, engine_args)
         spec = ChunkSpec(host_engine.layout)
-        host_tier = KVTier(spec, TierConfig(host_bytes=4 * prefix_len // 256 * spec.value_bytes),
+        # room for the prefix's chunks in flight: a store beyond the bound is dropped
+        prefix_bytes = prefix_len // 256 * spec.value_bytes
+        host_tier = KVTier(spec, TierConfig(host_bytes=4 * prefix_bytes,
+                                            max_inflight_bytes=2 * prefix_bytes),
                            TierMetrics())
         host_engine.attach_kv_tier(TierPort(host_tier, host_engine.kv_memory))
-        redis_tier = KVTier(spec, TierConfig(host_bytes=0, redis=RedisTierConfig(redis_url)),
+        redis_tier = KVTier(spec, TierConfig(host_bytes=0, redis=RedisTierConfig(redis_url),
+                                             max_inflight_bytes=2 * prefix_bytes),
                             TierMetrics())
         redis_engine = engine_with(redis_tier)
         chunks = prefix_len // 256

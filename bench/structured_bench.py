@@ -79,12 +79,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     engine = LLMEngine(args.model, EngineArgs(device=args.device, dtype=args.dtype,
-                                              num_kv_blocks=4096, max_num_seqs=256))
-    where = torch.cuda.get_device_name() if args.device == "cuda" else \
-        f"cpu ({torch.get_num_threads()} threads)"
+                                              num_kv_blocks=4096, max_num_seqs=256,
+                                              cpu_threads=args.threads or None))
+    where = (torch.cuda.get_device_name() if args.device == "cuda" else "cpu") + \
+        f" ({torch.get_num_threads()} torch CPU threads)"
     print(f"decode tokens/s, {args.model} on {where}, {args.dtype}, {args.max_tokens} tokens "
           f"per sequence, median of {args.repeat}")
     _run(engine, 2, 16, True, "warm-json")  # compiles the grammar, warms every path

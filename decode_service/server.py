@@ -72,7 +72,12 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         # to prefill pods (with TLS and the token); idle ones (pods that left) close
         self.channels = ChannelCache(security=security)
         self.handshake_timeout_s = 10.0
-        self._introduced: set[str] = set()  # prefill pods our connector has met
+        # prefill pods our connector has met -> how many handshakes with each so far
+        self._introduced: dict[str, int] = {}
+        # one handshake per pod at a time: concurrent first requests to a pod wait for
+        # it, or each would make (and the pod replace) its own link (nccl: its own
+        # communicator, whose set-up the next handshake aborts)
+        self._introducing: dict[str, asyncio.Lock] = {}
         self._active: set[str] = set()  # request ids of the Generate calls running here
         # a prefill pod must answer a ping within this while requests wait on it
         self.liveness = PeerLiveness(self._ping, prefill_first_response_timeout_s)
@@ -197,7 +202,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                     f"the prefill pod refused the request: {exc.details()}") from None
             if exc.code() is grpc.StatusCode.UNAVAILABLE:
                 await self.channels.drop(endpoint)
-                self._introduced.discard(endpoint)  # a restarted pod will not know us
+                self._introduced.pop(endpoint, None)  # a restarted pod will not know us
             self.metrics.kv_transfer_failures.labels("decode").inc()
             raise RemotePrefillFailed(f"{exc.code().name}: {exc.details()}") from None
         except KVTransferError as exc:
@@ -240,29 +245,39 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         """Prefill.Prefill, after the connector handshake with that pod if one is due (and
         once more if the pod lost it, e.g. it restarted)."""
         stub = pb_grpc.PrefillStub(await self.channels.get(endpoint))
-        await self._introduce(endpoint, stub)
+        met = await self._introduce(endpoint, stub)
         try:
             return await stub.Prefill(call, timeout=self.prefill_timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             if exc.code() is not grpc.StatusCode.FAILED_PRECONDITION or \
                     "unknown KV peer" not in (exc.details() or ""):
                 raise
-        self._introduced.discard(endpoint)
-        await self._introduce(endpoint, stub)
+        await self._introduce(endpoint, stub, stale=met)
         return await stub.Prefill(call, timeout=self.prefill_timeout_s, metadata=metadata)
 
-    async def _introduce(self, endpoint: str, stub: pb_grpc.PrefillStub) -> None:
-        """Exchange peer info with a prefill pod once (connectors that need it: ucx)."""
+    async def _introduce(self, endpoint: str, stub: pb_grpc.PrefillStub, stale: int = -1
+                         ) -> int:
+        """Exchange peer info with a prefill pod once (connectors that need it: ucx, nccl),
+        or again if handshake number ``stale`` is still the latest (the pod lost it);
+        returns the number of the handshake in force."""
         assert self.receiver is not None
-        info = self.receiver.peer_info()
-        if not info or endpoint in self._introduced:
-            return
-        reply = await stub.KVHandshake(pb.KVPeerInfo(
-            connector=self.connector, address=self.receiver.address, info=info),
-            timeout=self.handshake_timeout_s)
-        if reply.info:
-            await asyncio.to_thread(self.receiver.add_peer, reply.info)
-        self._introduced.add(endpoint)
+        met = self._introduced.get(endpoint, 0)
+        if met and met != stale:
+            return met
+        async with self._introducing.setdefault(endpoint, asyncio.Lock()):
+            met = self._introduced.get(endpoint, 0)
+            if met and met != stale:  # another request made it while this one waited
+                return met
+            info = self.receiver.peer_info()
+            if info:
+                reply = await stub.KVHandshake(pb.KVPeerInfo(
+                    connector=self.connector, address=self.receiver.address, info=info),
+                    timeout=self.handshake_timeout_s)
+                if reply.info:
+                    await asyncio.to_thread(self.receiver.add_peer, reply.info)
+                self.metrics.kv_handshakes.labels("decode").inc()
+            self._introduced[endpoint] = met + 1
+            return met + 1
 
     async def _reserve(self, rid: str, prompt: list[int], params: SamplingParams, tid: str
                        ) -> tuple[RemotePlan, asyncio.Queue]:

@@ -40,8 +40,8 @@ class EngineArgs:
     cuda_graphs: bool = field(default=True, metadata=_doc("capture decode steps in CUDA graphs"))
     seed: int = field(default=0, metadata=_doc("seed of requests that have none of their own"))
     cpu_threads: int | None = field(default=None, metadata=_doc(
-        "CPU intra-op threads of this process (default: torch's, every core; `pdserve up` "
-        "gives each pod its share)"))
+        "CPU intra-op threads of this process (default: on CPU torch's, every core, and "
+        "`pdserve up` gives each pod its share; on a GPU one)"))
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> None:

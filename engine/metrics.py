@@ -57,6 +57,7 @@ class PodMetrics:
     kv_transfer_failures: Counter = field(init=False)
     kv_transfer_blocks: Counter = field(init=False)
     kv_transfer_exposed: Histogram = field(init=False)
+    kv_handshakes: Counter = field(init=False)
     requests: Counter = field(init=False)
     local_prefills: Counter = field(init=False)
     prefill_decisions: Counter = field(init=False)
@@ -78,6 +79,10 @@ class PodMetrics:
             "Seconds of a request's KV transfer after its last layer was computed", ["role"],
             registry=r, buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                                  0.25, 0.5, 1, 2.5))
+        self.kv_handshakes = Counter(
+            "pdserve:kv_handshakes", "KV connector handshakes made (decode) or answered "
+            "(prefill): one per pair of pods, more only when a pod restarts", ["role"],
+            registry=r)
         self.kv_transfer_failures = Counter(
             "pdserve:kv_transfer_failures", "KV transfers that failed", ["role"], registry=r)
         self.requests = Counter(

@@ -43,6 +43,10 @@ class ModelRunner:
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
+            # One CPU thread unless told otherwise, as vLLM's GPU workers: a pod's host-side
+            # torch ops are small, and a team of every core spinning after each of them took
+            # the cores that the grammar's mask workers (llguidance) run on.
+            set_cpu_threads(cpu_threads or 1)
         else:
             set_cpu_threads(cpu_threads)
         dtype = resolve_dtype(dtype, device)  # "auto" -> a concrete name for the layout

@@ -142,6 +142,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             reply = await asyncio.to_thread(self.sender.add_peer, request.address, request.info)
         except KVTransferError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+        self.metrics.kv_handshakes.labels("prefill").inc()
         return pb.KVPeerInfo(connector=self.connector, info=reply)
 
     def _begin(self, target: KVTargetSpec, prompt_len: int) -> SendHandle:

@@ -4,7 +4,9 @@
 - a prefill pod killed mid-transfer: the request is prefilled locally instead and the
   decode pod's blocks all come back within its quarantine;
 - a decode pod killed mid-transfer: the prefill pod's blocks all come back within its
-  transfer timeout.
+  transfer timeout;
+- concurrent first requests between two fresh pods share one handshake (each making its own
+  replaced the one before: on two GPUs, nccl communicators aborted mid set-up).
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 from e2e_helpers import (
     POD_ARGS,
@@ -144,3 +148,31 @@ def test_a_decode_pod_killed_mid_transfer_frees_the_prefill_pods_blocks(
 def _ignore_errors(fn: Any) -> None:
     with contextlib.suppress(grpc.RpcError):  # the decode pod was killed under the call
         fn()
+
+
+def _handshakes(pod: Pod, role: str) -> float:
+    """The pod's ``pdserve:kv_handshakes_total`` (its /metrics, port from GetLoad)."""
+    with grpc.insecure_channel(pod.address) as channel:
+        stub = pb_grpc.DecodeStub(channel) if role == "decode" else pb_grpc.PrefillStub(channel)
+        port = stub.GetLoad(pb.LoadRequest(), timeout=5).metrics_port
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    key = f'pdserve:kv_handshakes_total{{role="{role}"}} '
+    return sum(float(line[len(key):]) for line in text.splitlines() if line.startswith(key))
+
+
+def test_concurrent_first_requests_to_a_prefill_pod_share_one_handshake(
+        default_model_dir: Path) -> None:
+    decode = start_pod("decode", default_model_dir, *UCX, "--metrics-port", "0")
+    prefill = start_pod("prefill", default_model_dir, *UCX, "--metrics-port", "0")
+    try:
+        prompts = [[(7 * i + 13 * j) % 2000 + 4 for i in range(120)] for j in range(6)]
+        with ThreadPoolExecutor(len(prompts)) as pool:  # all before any handshake is done
+            results = list(pool.map(lambda p: generate_on(decode, prefill.address, p, 4),
+                                    prompts))
+        assert [remote for _, remote in results] == [True] * len(prompts)
+        assert [tokens for tokens, _ in results] == hf_greedy(default_model_dir, prompts, 4)
+        assert _handshakes(decode, "decode") == 1
+        assert _handshakes(prefill, "prefill") == 1
+    finally:
+        prefill.stop()
+        decode.stop()
