@@ -237,7 +237,11 @@ def main(argv: list[str] | None = None) -> int:
                 model = httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"][0]["id"]
                 asyncio.run(run_workload(Target(server.url, model), warm, args.concurrency))
                 print(f"{system}: up at {server.url}", flush=True)
-                for rate in args.rates:
+                for i, rate in enumerate(args.rates):
+                    # fresh prompts per rate (the same for every system): a rate that
+                    # re-sent the last one's would find them in the pods' prefix caches
+                    items = build_workload(args.seed + 1000 * (i + 1), args.num_requests,
+                                           vocab, args.input_len, args.output_len)
                     record, means = run_system_rate(server, model, items, rate, args)
                     runs[system].append(record)
                     phases[system][str(rate)] = means

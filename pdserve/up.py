@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "next one (at most 30 s)")
     parser.add_argument("--pod-args", default="",
                         help="extra engine options for every pod, e.g. '--num-kv-blocks 512' "
-                             "(each pod gets --cpu-threads, its share of the cores, unless "
+                             "(each CPU pod gets --cpu-threads, its share of the cores, unless "
                              "given here)")
     add_security_arguments(parser)
     parser.add_argument("--router-args", default="",
@@ -118,7 +118,8 @@ def run(args: argparse.Namespace) -> int:
                                          args.gpu_memory_utilization)
     else:
         pre_dev, dec_dev = [[]] * num_prefill, [[]] * args.decode
-    if not any(a.startswith("--cpu-threads") for a in pod_args):  # no pod takes every core
+    # no CPU pod takes every core; GPU pods keep their default of one thread (engine)
+    if args.device != "cuda" and not any(a.startswith("--cpu-threads") for a in pod_args):
         num_pods = args.decode + (0 if colocated else args.prefill)
         pod_args += ["--cpu-threads", str(cpu_threads_per_pod(num_pods))]
     if args.restart_limit < 0 or args.restart_backoff < 0:
