@@ -73,8 +73,9 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._seq_ids = count()
         self._rng = random.Random(args.seed)
-        self.structured = StructuredOutputs.for_model(self.model_dir, self.config.vocab_size,
-                                                      self.eos_token_ids)
+        self.structured = StructuredOutputs.for_model(
+            self.model_dir, self.config.vocab_size, self.eos_token_ids,
+            fill_inline=self.runner.device.type == "cuda")
         self.num_steps = 0
         self.kv_receiver: KVReceiverPort | None = None
         self.failures: list[tuple[str, PdserveError]] = []  # see take_failures
@@ -311,6 +312,10 @@ class LLMEngine:
                 self.tier.note_scheduled(seq)
         logits, row_seq = self.runner.execute(batch, self._kv_hook(batch, announced),
                                               plp.capture if plp is not None else None)
+        if masks is not None:
+            # now, while a GPU still runs the forward: the sampler's first index copy to
+            # the device would wait for the forward to finish (masks.fill_inline)
+            masks.wait()
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=False):
             seq.num_computed_tokens += n
             self.scheduler.register_full_blocks(seq)

@@ -12,10 +12,12 @@ output exact wherever a token was sampled:
 - preemption by recompute keeps a sequence's output tokens, and with them its matcher
   (were it dropped, it would be rebuilt from them).
 
-Per step, ``begin`` fills the bitmask rows of the sequences that will sample, on a worker
-thread (llguidance drops the GIL) while the forward runs; the sampler waits for it and
-applies it (engine.sampler.apply_bitmask). After a token is appended, ``advance`` moves
-the matcher on and says whether the grammar is complete (the sequence then stops).
+Per step, ``begin`` plans the bitmask rows of the sequences that will sample and has them
+filled while the forward runs: on a CPU by a worker thread (llguidance drops the GIL), on
+a GPU by the engine thread itself once the forward is launched (``fill_inline``); the
+sampler waits for them and applies them (engine.sampler.apply_bitmask). After a token is
+appended, ``advance`` moves the matcher on and says whether the grammar is complete (the
+sequence then stops).
 """
 
 from __future__ import annotations
@@ -161,6 +163,29 @@ class MaskTimes:
     advance: float = 0.0  # matchers consuming the sampled tokens (engine thread)
 
 
+class _Deferred:
+    """A fill run on the first ``result()`` by the thread that asks (the engine's), with
+    the part of ``Future`` that StepMasks uses."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._fn: Callable[[], None] | None = fn
+        self._error: BaseException | None = None
+
+    def result(self, timeout: float | None = None) -> None:
+        if self._fn is not None:
+            fn, self._fn = self._fn, None
+            try:
+                fn()
+            except BaseException as exc:
+                self._error = exc
+        if self._error is not None:
+            raise self._error
+
+    def cancel(self) -> bool:
+        cancelled, self._fn = self._fn is not None, None
+        return cancelled
+
+
 @dataclass(slots=True)
 class StepMasks:
     """Bitmask rows of one step's constrained sequences, being filled on a worker thread.
@@ -171,7 +196,7 @@ class StepMasks:
     rows: dict[int, int]  # seq_id -> row of ``filled``
     fresh: dict[str, int]  # request_id -> row of a sequence with no output yet (its forks)
     filled: torch.Tensor  # [rows, words] int32, host
-    job: Future
+    job: Future | _Deferred
 
     def wait(self) -> None:
         t0 = time.perf_counter()
@@ -218,8 +243,15 @@ class StepMasks:
 class StructuredOutputs:
     """The engine's side of constrained decoding: check specs, mask steps, advance."""
 
-    def __init__(self, compiler: GrammarCompiler) -> None:
+    def __init__(self, compiler: GrammarCompiler, fill_inline: bool = False) -> None:
         self.compiler = compiler
+        # Where the forward runs asynchronously (a GPU), the masks are filled on the engine
+        # thread when sampling first needs them: the forward is running on the device by
+        # then, and llguidance computes without the GIL. A worker thread there only traded
+        # the GIL with the engine thread: it could start or return only when the engine
+        # thread let go (on an H200, 2.0 ms per step at batch 32 for 0.3 ms of masks). On a
+        # CPU the forward is this thread's own work, so the worker overlaps it.
+        self.fill_inline = fill_inline
         self._pool: ThreadPoolExecutor | None = None
         self._executor: Any = None  # llguidance.LLExecutor, made on first use
         self._last: StepMasks | None = None
@@ -227,10 +259,11 @@ class StructuredOutputs:
 
     @classmethod
     def for_model(cls, model_dir: str | Path, vocab_size: int, eos_ids: Seq[int],
-                  timeout_s: float = COMPILE_TIMEOUT_S) -> StructuredOutputs:
+                  timeout_s: float = COMPILE_TIMEOUT_S, fill_inline: bool = False
+                  ) -> StructuredOutputs:
         """Nothing is loaded until the first constrained request arrives."""
         return cls(GrammarCompiler(tokenizer_factory_for(model_dir, vocab_size, eos_ids),
-                                   timeout_s))
+                                   timeout_s), fill_inline)
 
     def check(self, params: SamplingParams) -> None:
         """Compile (or find cached) the request's grammar; InvalidRequestError if bad."""
@@ -284,9 +317,13 @@ class StructuredOutputs:
         filled = torch.full((len(planned), words), -1, dtype=torch.int32,
                             pin_memory=torch.cuda.is_available())
         pairs = [(s.guide, i) for i, s in enumerate(planned)]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bitmask")
-        job = self._pool.submit(self._timed_fill, pairs, filled)
+        job: Future | _Deferred
+        if self.fill_inline:
+            job = _Deferred(lambda: self._timed_fill(pairs, filled))
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bitmask")
+            job = self._pool.submit(self._timed_fill, pairs, filled)
         fresh = {s.request_id: i for i, s in enumerate(planned) if s.num_output_tokens == 0}
         self._last = StepMasks(self, {s.seq_id: i for i, s in enumerate(planned)}, fresh,
                                filled, job)

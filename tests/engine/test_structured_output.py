@@ -178,3 +178,21 @@ def test_a_matcher_rebuilt_from_the_generated_tokens_continues_identically(llm) 
             for seq in engine.scheduler.running + list(engine.scheduler.waiting):
                 seq.guide = None
     assert [tokens[0], tokens[1]] == reference
+
+
+def test_masks_filled_inline_give_the_same_outputs_as_masks_filled_by_the_worker(
+        tiny_model, make_prompts) -> None:
+    # GPU engines fill masks on the engine thread when sampling needs them (fill_inline),
+    # CPU engines on a worker thread during the forward: the tokens must not differ
+    prompts = make_prompts([6, 11], 2048, 4)
+    params = [_params(_json(), seed=s, n=2) for s in (1, 2)]
+    texts = {}
+    for inline in (False, True):
+        llm = LLM(tiny_model)
+        llm.engine.structured.fill_inline = inline
+        texts[inline] = _texts(llm.generate(prompts, params))
+        if inline:
+            assert llm.engine.structured._pool is None  # no worker was ever started
+    assert texts[True] == texts[False]
+    for text in texts[True]:
+        jsonschema.validate(json.loads(text), SCHEMA)
