@@ -82,6 +82,8 @@ class Server:
             argv += ["--device", "cuda"]
         if args.pod_args:
             argv += ["--pod-args", args.pod_args]
+        if args.prefill_pod_args and system == "disaggregated":
+            argv += ["--prefill-pod-args", args.prefill_pod_args]
         self.log = log
         self._out = open(log, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(argv, cwd=REPO, stdout=self._out, stderr=subprocess.STDOUT,
@@ -157,6 +159,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=32,
                    help="unmeasured requests per system (the trace's lengths, highest rate)")
     p.add_argument("--pod-args", default="", help="passed to pdserve up --pod-args")
+    p.add_argument("--prefill-pod-args", default="",
+                   help="the disaggregated system's prefill pod only, e.g. "
+                        "'--max-num-batched-tokens 8192'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)

@@ -66,8 +66,9 @@ for step in "${@:-transfer}"; do
     disagg)
       make_8b
       python3 bench/gpu_disagg.py --model "$M8B" --device cuda --connector "${CONNECTOR:-nccl}" \
-        --rates "${RATES:-2,4,8,12}" --num-requests "${REQUESTS:-48}" --out "$OUT/disagg" \
-        2>&1 | tee "$OUT/disagg.txt"
+        --rates "${RATES:-1.5,3,5}" --num-requests "${REQUESTS:-40}" --warmup 16 \
+        --prefill-pod-args "${PREFILL_POD_ARGS:-}" --out "$OUT/disagg" 2>&1 \
+        | tee "$OUT/disagg.txt"
       ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac

@@ -64,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(each CPU pod gets --cpu-threads, its share of the cores, unless "
                              "given here)")
     add_security_arguments(parser)
+    parser.add_argument("--prefill-pod-args", default="",
+                        help="engine options for prefill pods only, after --pod-args (e.g. a "
+                             "larger --max-num-batched-tokens: prefill pods run no decode)")
+    parser.add_argument("--decode-pod-args", default="",
+                        help="engine options for decode pods only, after --pod-args")
     parser.add_argument("--router-args", default="",
                         help="extra router options, e.g. '--enable-auto-tool-choice "
                              "--tool-call-parser hermes'")
@@ -140,14 +145,16 @@ def run(args: argparse.Namespace) -> int:
                 "prefill", "--model", args.model, "--host", args.pod_host,
                 "--port", str(free_port(args.pod_host)),
                 "--metrics-port", "0", "--kv-connector", args.connector,
-                "--drain-timeout", str(args.drain_timeout), *pre_dev[i], *pod_args])
+                "--drain-timeout", str(args.drain_timeout), *pre_dev[i], *pod_args,
+                *args.prefill_pod_args.split()])
         for i in range(args.decode):
             fleet.launch(f"decode-{i}", [
                 "decode", "--model", args.model, "--host", args.pod_host,
                 "--port", str(free_port(args.pod_host)),
                 "--metrics-port", "0", "--kv-connector", "none" if colocated else args.connector,
                 "--min-remote-prefill-tokens", str(args.min_remote_prefill_tokens),
-                "--drain-timeout", str(args.drain_timeout), *dec_dev[i], *pod_args])
+                "--drain-timeout", str(args.drain_timeout), *dec_dev[i], *pod_args,
+                *args.decode_pod_args.split()])
         prefill = [fleet.wait_ready(f"prefill-{i}") for i in range(num_prefill)]
         decode = [fleet.wait_ready(f"decode-{i}") for i in range(args.decode)]
         url = f"http://{args.host}:{args.port}"
