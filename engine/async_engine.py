@@ -23,6 +23,7 @@ from engine.errors import DuplicateRequestError, KVTransferError
 from engine.external_kv import KVReceiverPort, KVSend, KVTierPort, RemotePlan
 from engine.kv_layout import KVLayout, KVMemory
 from engine.llm_engine import EngineLimits, LLMEngine, RequestOutput
+from engine.requests import merge_outputs
 from engine.sampling_params import SamplingParams
 from engine.sequence import TokenLogprob
 
@@ -147,6 +148,15 @@ class AsyncEngine:
         try:
             while True:
                 item = await q.get()
+                # Outputs that queued up while this stream was busy go out as one: under
+                # load, fewer messages is less work for the thread that is behind.
+                while not isinstance(item, BaseException) and not item.finished and q.qsize():
+                    later = q.get_nowait()
+                    if isinstance(later, BaseException):
+                        yield item
+                        item = later
+                    else:
+                        item = merge_outputs(item, later)
                 if isinstance(item, BaseException):
                     raise item
                 yield item

@@ -46,6 +46,26 @@ class RequestOutput:
     queue_seconds: float = 0.0
 
 
+def merge_outputs(first: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """``later`` appended to ``first`` (which is updated and returned): what a stream that
+    fell behind its request sends as one message instead of several, as vLLM's output
+    collector does. Each sequence's tokens and logprobs stay in order."""
+    mine = {d.index: d for d in first.deltas}
+    for d in later.deltas:
+        m = mine.get(d.index)
+        if m is None:
+            first.deltas.append(d)
+            mine[d.index] = d
+        else:
+            m.token_ids = m.token_ids + d.token_ids
+            m.logprobs = m.logprobs + d.logprobs
+            m.finish_reason = d.finish_reason or m.finish_reason
+    first.finished = later.finished
+    if first.prompt_logprobs is None:
+        first.prompt_logprobs = later.prompt_logprobs
+    return first
+
+
 @dataclass(slots=True)
 class Request:
     request_id: str
