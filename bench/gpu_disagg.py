@@ -191,6 +191,31 @@ def run_system_rate(server: Server, model: str, items: list, rate: float,
     return run_record(rate, summary, results), phase_means_ms(before, phase_totals(server.url))
 
 
+SUSTAINED = 0.9  # colocated "sustains its SLO" at a rate where this share of requests met it
+
+
+def goal_check(docs: dict[str, list[dict[str, Any]]]) -> str:
+    """Issue 13's goals, read off the runs: at the highest rate where colocated sustains its
+    SLO, disaggregated's ITL p99/p50 (goal <= 1.3) and its goodput over colocated's (goal
+    >= 2)."""
+    colo, disagg = docs.get("colocated", []), docs.get("disaggregated", [])
+    held = [r for r in colo if r["summary"]["goodput_share"] >= SUSTAINED]
+    if not held or not disagg:
+        return (f"goals: not checked (colocated met its SLO for >= {SUSTAINED:.0%} of "
+                f"requests at no rate run, or only one system ran)")
+    top = max(held, key=lambda r: float(r["rate"]))
+    other = next((r for r in disagg if r["rate"] == top["rate"]), None)
+    if other is None:
+        return f"goals: disaggregated did not run at {top['rate']} req/s"
+    d, c = other["summary"], top["summary"]
+    spread = d["p99_itl_ms"] / d["p50_itl_ms"] if d["p50_itl_ms"] else math.inf
+    ratio = d["goodput"] / c["goodput"] if c["goodput"] else math.inf
+    return (f"goals at {top['rate']} req/s, the highest rate where colocated sustains its SLO "
+            f"(>= {SUSTAINED:.0%} of requests within it): disaggregated ITL p99/p50 "
+            f"{spread:.2f} (goal <= 1.3: {'met' if spread <= 1.3 else 'missed'}), goodput "
+            f"{ratio:.2f}x colocated's (goal >= 2: {'met' if ratio >= 2 else 'missed'})")
+
+
 def summary_table(docs: dict[str, list[dict[str, Any]]]) -> str:
     head = "| rate (req/s) | system | TTFT p99 (ms) | ITL p50 (ms) | ITL p99 (ms) | ITL p99/p50 " \
            "| goodput (req/s) | within SLO | completed |"
@@ -270,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.out / f"{system}.json", system, urls.get(system, ""), model, settings,
                    records)
     (args.out / "phases.json").write_text(json.dumps(phases, indent=1))
-    table = summary_table(runs)
+    table = summary_table(runs) + "\n\n" + goal_check(runs)
     (args.out / "summary.md").write_text(table + "\n")
     print(table)
     try:

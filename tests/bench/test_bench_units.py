@@ -74,3 +74,28 @@ def test_summary_and_goodput() -> None:
     assert s["p50_tpot_ms"] == pytest.approx(20)
     assert s["p50_itl_ms"] == pytest.approx(20)
     assert summarize([fast, failed], 1.0)["good_requests"] == 1  # no SLO: every success
+
+
+def test_the_disaggregation_experiments_goal_check() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "gpu_disagg.py"
+    spec = importlib.util.spec_from_file_location("gpu_disagg", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def run(rate: float, share: float, goodput: float, p50: float = 7.0, p99: float = 9.0):
+        return {"rate": rate, "summary": {"goodput_share": share, "goodput": goodput,
+                                          "p50_itl_ms": p50, "p99_itl_ms": p99}}
+
+    colo = [run(1.5, 0.98, 1.3), run(3, 1.0, 2.38), run(5, 0.42, 1.21)]
+    line = mod.goal_check({"colocated": colo,
+                           "disaggregated": [run(1.5, 0.85, 1.16), run(3, 0.55, 1.24, 7.53, 10.0)]})
+    assert "at 3 req/s" in line and "1.33 (goal <= 1.3: missed)" in line
+    assert "0.52x colocated's (goal >= 2: missed)" in line
+    line = mod.goal_check({"colocated": colo, "disaggregated": [run(3, 1.0, 4.9, 7.0, 8.4)]})
+    assert "1.20 (goal <= 1.3: met)" in line and "2.06x colocated's (goal >= 2: met)" in line
+    assert "not checked" in mod.goal_check({"colocated": [run(2, 0.5, 1.0)],
+                                            "disaggregated": [run(2, 1.0, 2.0)]})
