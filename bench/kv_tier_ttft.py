@@ -115,10 +115,17 @@ def measure_prefix(model: Path, args: argparse.Namespace, prefix_len: int, redis
         results: dict[str, list[float]] = {"miss": [], "pod cache hit": [], "host hit": [],
                                            "redis hit": []}
 
-        def evict(engine: LLMEngine, tag: str) -> None:
-            # two prompts of the prefix's size take every block the prefix held
-            for j in range(2):
+        def tier_hit(engine: LLMEngine, tier: KVTier, level: str, prefix: list[int],
+                     tag: str) -> float:
+            """TTFT of ``prefix`` once the tier has it and the engine's own cache does not."""
+            assert tier.flush(60)
+            for j in range(2):  # two prompts of the prefix's size take every block it held
                 ttft(engine, f"{tag}-fill{j}", tokens(prefix_len + QUESTION))
+            before = tier_hits(tier, level)
+            seconds = ttft(engine, tag, prefix + tokens(QUESTION))
+            got = tier_hits(tier, level) - before
+            assert got == chunks, f"the {level} level gave {got} of {chunks} chunks"
+            return seconds
 
         for engine, tag in ((host_engine, "wh"), (redis_engine, "wr")):  # first-call costs
             ttft(engine, tag, tokens(prefix_len + QUESTION))
@@ -126,21 +133,11 @@ def measure_prefix(model: Path, args: argparse.Namespace, prefix_len: int, redis
             prefix = tokens(prefix_len)
             results["miss"].append(ttft(host_engine, f"m{i}", prefix + tokens(QUESTION)))
             results["pod cache hit"].append(ttft(host_engine, f"p{i}", prefix + tokens(QUESTION)))
-            assert host_tier.flush(60)
-            evict(host_engine, f"h{i}")
-            before = tier_hits(host_tier, "host")
-            results["host hit"].append(ttft(host_engine, f"h{i}", prefix + tokens(QUESTION)))
-            got = tier_hits(host_tier, "host") - before
-            assert got == chunks, f"the host tier gave {got} of {chunks} chunks"
-
+            results["host hit"].append(tier_hit(host_engine, host_tier, "host", prefix, f"h{i}"))
             prefix = tokens(prefix_len)
-            ttft(redis_engine, f"rw{i}", prefix + tokens(QUESTION))
-            assert redis_tier.flush(60)
-            evict(redis_engine, f"r{i}")
-            before = tier_hits(redis_tier, "redis")
-            results["redis hit"].append(ttft(redis_engine, f"r{i}", prefix + tokens(QUESTION)))
-            got = tier_hits(redis_tier, "redis") - before
-            assert got == chunks, f"Redis gave {got} of {chunks} chunks"
+            ttft(redis_engine, f"rw{i}", prefix + tokens(QUESTION))  # stored in Redis
+            results["redis hit"].append(tier_hit(redis_engine, redis_tier, "redis", prefix,
+                                                 f"r{i}"))
         report(results, chunks * spec.value_bytes)
         return results
     finally:

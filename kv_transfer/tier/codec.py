@@ -189,8 +189,13 @@ def payload_layer(spec: ChunkSpec, payload: memoryview, layer: int) -> torch.Ten
     the payload's memory (no copy). Read it only: the memory may be shared (host tier)."""
     if len(payload) != spec.payload_bytes or not 0 <= layer < spec.layout.num_layers:
         raise ValueError("payload or layer index does not match the chunk spec")
-    tensor = _host_bytes(payload)[layer * spec.layer_bytes:(layer + 1) * spec.layer_bytes]
-    return tensor.view(spec.layout.torch_dtype).view(spec.layer_shape)
+    return _layer_of(spec, _host_bytes(payload), layer)
+
+
+def _layer_of(spec: ChunkSpec, payload_bytes: torch.Tensor, layer: int) -> torch.Tensor:
+    """Layer ``layer`` of a payload held as a uint8 tensor (host or device), as a view."""
+    raw = payload_bytes[layer * spec.layer_bytes:(layer + 1) * spec.layer_bytes]
+    return raw.view(spec.layout.torch_dtype).view(spec.layer_shape)
 
 
 def scatter_chunk(spec: ChunkSpec, kv_layers: Sequence[torch.Tensor], block_ids: Sequence[int],
@@ -199,21 +204,18 @@ def scatter_chunk(spec: ChunkSpec, kv_layers: Sequence[torch.Tensor], block_ids:
     if len(block_ids) != spec.blocks or len(kv_layers) != spec.layout.num_layers:
         raise ValueError(f"a chunk fills {spec.blocks} blocks of {spec.layout.num_layers} "
                          f"layers, got {len(block_ids)} blocks of {len(kv_layers)} layers")
-    device = kv_layers[0].device
-    if device.type == "cpu":
-        for i, kv in enumerate(kv_layers):
-            scatter_layer(kv, block_ids, payload_layer(spec, payload, i))
-        return
-    # A device cache: one host-to-device copy of the whole payload and one index, then a
-    # scatter per layer on the device. Per layer, each copy from pageable memory would wait
-    # for the device (32 waits per chunk of an 8B model).
     if len(payload) != spec.payload_bytes:
         raise ValueError("payload does not match the chunk spec")
-    on_device = _host_bytes(payload).to(device)
+    device = kv_layers[0].device
+    # One index and, for a device cache, one host-to-device copy of the whole payload, then
+    # a scatter per layer: per layer, each copy from pageable memory would wait for the
+    # device (32 waits per chunk of an 8B model).
+    source = _host_bytes(payload)
+    if device.type != "cpu":
+        source = source.to(device)
     index = block_index(block_ids, kv_layers[0].shape[1], device)
     for i, kv in enumerate(kv_layers):
-        layer = on_device[i * spec.layer_bytes:(i + 1) * spec.layer_bytes]
-        scatter_layer(kv, index, layer.view(spec.layout.torch_dtype).view(spec.layer_shape))
+        scatter_layer(kv, index, _layer_of(spec, source, i))
 
 
 def _host_bytes(payload: memoryview) -> torch.Tensor:
