@@ -4,7 +4,8 @@ Generate (decode-orchestrated, DESIGN.md): the engine matches the prompt against
 prefix cache, reserves blocks for the rest and registers the expected transfer with the
 receiver (the request waits in WAITING_FOR_REMOTE_KV); the chosen prefill pod is asked to
 fill only those blocks; then the engine decodes with continuous batching and each step's
-tokens stream back. Short prompts, no prefill pod, or a prefill pod that fails: prefill
+tokens stream back (GenerateStream: many requests' tokens over one stream, one message per
+step; decode_service/stream.py). Short prompts, no prefill pod, or a prefill pod that fails: prefill
 locally (conditional disaggregation). Whatever ends the call -- finish, cancel, client
 gone, error -- the engine frees the request's blocks (once no transfer touches them).
 """
@@ -21,6 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from decode_service.liveness import PeerLiveness
+from decode_service.stream import RequestContext, RequestStream
 from engine.async_engine import AsyncEngine
 from engine.errors import CapacityError, InvalidRequestError, KVTransferError, PdserveError
 from engine.external_kv import RemotePlan
@@ -44,6 +46,7 @@ from protos.convert import (
     sampling_to_proto,
     status_of,
 )
+from protos.drain import DrainGate
 from protos.security import LinkSecurity
 
 log = logging.getLogger(__name__)
@@ -59,8 +62,10 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                  prefill_timeout_s: float = 60.0, admission_timeout_s: float = 30.0,
                  prefill_first_response_timeout_s: float = 2.0,
                  security: LinkSecurity | None = None,
-                 tracing: Tracing | None = None) -> None:
+                 tracing: Tracing | None = None, gate: DrainGate | None = None) -> None:
         self.engine = engine
+        # the pod's drain gate: GenerateStream counts its requests on it as Generate calls
+        self.gate = gate or DrainGate(())
         self.tracing = tracing
         self.receiver = receiver
         self.connector = connector
@@ -84,6 +89,20 @@ class DecodeServicer(pb_grpc.DecodeServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[pb.GenerateResponse]:
+        async for msg in self.generate_one(request, context):
+            yield msg
+
+    async def GenerateStream(self, request_iterator: AsyncIterator[pb.StreamRequest],
+                             context: grpc.aio.ServicerContext
+                             ) -> AsyncIterator[pb.StreamResponse]:
+        stream = RequestStream(self.generate_one, self.gate, self._active.__contains__)
+        async for msg in stream.serve(request_iterator):
+            yield msg
+
+    async def generate_one(self, request: pb.GenerateRequest,
+                           context: grpc.aio.ServicerContext | RequestContext
+                           ) -> AsyncIterator[pb.GenerateResponse]:
+        """One request, on its own call (Generate) or on a shared stream (GenerateStream)."""
         rid = request.request_id or uuid.uuid4().hex
         try:
             check_id(rid, "the request id", "request_id")
@@ -102,7 +121,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             self._active.discard(rid)
 
     async def _generate(self, rid: str, prompt: list[int], params: SamplingParams,
-                        prefill_endpoint: str, context: grpc.aio.ServicerContext
+                        prefill_endpoint: str,
+                        context: grpc.aio.ServicerContext | RequestContext
                         ) -> AsyncIterator[pb.GenerateResponse]:
         # prompt logprobs need every prompt row's logits: this pod prefills those itself
         remote = bool(prefill_endpoint) and self.receiver is not None \
@@ -299,7 +319,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             role="decode", model=self.model_name, running=snap.running, waiting=snap.waiting,
             free_blocks=snap.free_blocks, total_blocks=snap.total_blocks,
             layout_fingerprint=self.engine.layout.fingerprint, kv_connector=self.connector,
-            kv_address=self.receiver.address if self.receiver is not None else "")
+            kv_address=self.receiver.address if self.receiver is not None else "",
+            generate_stream=True)
         limits_to_report(self.engine.limits, report)
         report.metrics_port = self.metrics.port
         return report

@@ -13,6 +13,7 @@ from kv_transfer import KVReceiver, backend_names, make_receiver
 from pdserve.kv_tier_flags import add_kv_tier_arguments, start_kv_tier
 from pdserve.pod import add_pod_arguments, connector_config, start_pod_engine
 from protos import pdserve_pb2_grpc as pb_grpc
+from protos.drain import DrainGate
 from protos.security import security_from_args
 from protos.server import run_pod
 
@@ -41,10 +42,12 @@ def run(args: argparse.Namespace) -> NoReturn:
     if args.kv_connector != "none":
         receiver = make_receiver(args.kv_connector, engine.kv_memory, connector_config(args))
         engine.attach_kv_receiver(receiver)
+    # Generate calls are work, and so is each request on a GenerateStream
+    gate = DrainGate(["/pdserve.v1.Decode/Generate"])
     servicer = DecodeServicer(engine, receiver, args.kv_connector, Path(args.model).name,
                               pod.metrics, args.min_remote_prefill_tokens, args.prefill_timeout,
                               prefill_first_response_timeout_s=args.prefill_first_response_timeout,
-                              security=security, tracing=pod.tracing)
+                              security=security, tracing=pod.tracing, gate=gate)
 
     def add(server: grpc.aio.Server) -> list[str]:
         pb_grpc.add_DecodeServicer_to_server(servicer, server)
@@ -62,5 +65,4 @@ def run(args: argparse.Namespace) -> NoReturn:
 
     run_pod(add, args.host, args.port,
             lambda port: f"pdserve decode ready on {args.host}:{port}", stop,
-            work_methods=["/pdserve.v1.Decode/Generate"], drain_timeout=args.drain_timeout,
-            security=security)
+            drain_timeout=args.drain_timeout, security=security, gate=gate)

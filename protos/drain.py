@@ -5,7 +5,8 @@ A ``DrainGate`` is a server interceptor. It wraps only the methods named as work
 pod's ``Generate``, a prefill pod's ``Prefill``); ``GetLoad``, ``KVHandshake`` and the health
 service keep answering while the pod drains, so the router and kubelet see it say
 NOT_SERVING instead of a closed port. A call refused while draining gets UNAVAILABLE before
-it started anything, which is what the router retries on another pod.
+it started anything, which is what the router retries on another pod. Work that shares one
+call (the requests of a decode pod's GenerateStream) is counted with ``try_enter``/``leave``.
 """
 
 from __future__ import annotations
@@ -48,11 +49,18 @@ class DrainGate(grpc.aio.ServerInterceptor):
                         f"{handler_call_details.method}")
 
     async def _enter(self, context: grpc.aio.ServicerContext) -> None:
-        if self.draining:
+        if not self.try_enter():
             await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
-        self.active += 1
 
-    def _leave(self) -> None:
+    def try_enter(self) -> bool:
+        """Count one unit of work as running; False (and nothing counted) while draining.
+        For work that is not a call of its own: a request on a shared stream."""
+        if self.draining:
+            return False
+        self.active += 1
+        return True
+
+    def leave(self) -> None:
         self.active -= 1
         self._changed.set()
 
@@ -63,7 +71,7 @@ class DrainGate(grpc.aio.ServerInterceptor):
                 async for item in behavior(request, context):
                     yield item
             finally:
-                self._leave()
+                self.leave()
         return gated
 
     def _gated_unary(self, behavior: Any) -> Callable[..., Awaitable[Any]]:
@@ -72,7 +80,7 @@ class DrainGate(grpc.aio.ServerInterceptor):
             try:
                 return await behavior(request, context)
             finally:
-                self._leave()
+                self.leave()
         return gated
 
     async def drain(self, timeout: float, hurry: asyncio.Event | None = None) -> bool:

@@ -63,7 +63,7 @@ class LinkSecurity:
         if not self.token:
             return []
         header = ("authorization", f"Bearer {self.token}")
-        return [_UnaryUnaryToken(header), _UnaryStreamToken(header)]
+        return [_UnaryUnaryToken(header), _UnaryStreamToken(header), _StreamStreamToken(header)]
 
     def channel_options(self) -> list[tuple[str, Any]]:
         if self.tls and self.server_name:
@@ -135,6 +135,15 @@ class _UnaryStreamToken(grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any,
                                      request: Any) -> Any:
         return await continuation(_with_header(details, self._header), request)
+
+
+class _StreamStreamToken(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, header: tuple[str, str]) -> None:
+        self._header = header
+
+    async def intercept_stream_stream(self, continuation: Any, details: Any,
+                                      request_iterator: Any) -> Any:
+        return await continuation(_with_header(details, self._header), request_iterator)
 
 
 def add_security_arguments(parser: argparse.ArgumentParser) -> None:

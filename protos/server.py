@@ -43,12 +43,13 @@ async def serve(add_servicers: Callable[[grpc.aio.Server], list[str]], host: str
                 on_stop: Callable[[], Awaitable[None]] | None = None,
                 work_methods: Iterable[str] = (),
                 drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S,
-                security: LinkSecurity | None = None) -> None:
+                security: LinkSecurity | None = None, gate: DrainGate | None = None) -> None:
     """Start a server, mark its services SERVING, print ``ready_message(port)``, and run
     until SIGTERM or SIGINT; then drain ``work_methods`` (full method names) for at most
-    ``drain_timeout`` seconds and stop. ``security``: TLS and the service token."""
+    ``drain_timeout`` seconds and stop. ``security``: TLS and the service token. ``gate``:
+    the drain gate, when a servicer counts work of its own on it (else one is made)."""
     security = security or LinkSecurity()
-    gate = DrainGate(work_methods)
+    gate = gate or DrainGate(work_methods)
     # the token check first: a refused call never counts as work in flight
     server = grpc.aio.server(options=SERVER_OPTIONS,
                              interceptors=[*security.server_interceptors(), gate])
@@ -93,10 +94,10 @@ def run_pod(add_servicers: Callable[[grpc.aio.Server], list[str]], host: str, po
             on_stop: Callable[[], Awaitable[None]] | None = None,
             work_methods: Iterable[str] = (),
             drain_timeout: float = DEFAULT_DRAIN_TIMEOUT_S,
-            security: LinkSecurity | None = None) -> NoReturn:
+            security: LinkSecurity | None = None, gate: DrainGate | None = None) -> NoReturn:
     """``serve`` until a signal (and the drain), then exit the process at once."""
     asyncio.run(serve(add_servicers, host, port, ready_message, on_stop, work_methods,
-                      drain_timeout, security))
+                      drain_timeout, security, gate))
     # Everything is stopped and flushed: skip the interpreter's teardown, which spent
     # seconds of CPU collecting the model's tensors and could outlast `pdserve up`'s grace.
     sys.stdout.flush()

@@ -26,6 +26,7 @@ from protos import pdserve_pb2 as pb
 from protos import pdserve_pb2_grpc as pb_grpc
 from protos.channels import open_channel
 from protos.security import LinkSecurity
+from router.decode_stream import DecodeStream, GenerateCall
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,18 @@ class Pod:
     sent_since_poll: int = 0  # the same, sent since the last report began
     leaving: bool = False  # removed from its pool: no new requests; closes when idle
     polls: int = 0  # GetLoad/health polls on its channel now
+    stream: DecodeStream | None = None  # decode pods: the requests' shared stream
+
+    def generate(self, request: pb.GenerateRequest, metadata: list[tuple[str, str]]
+                 ) -> GenerateCall:
+        """Start a request on this decode pod: on its shared stream, or as a Generate call
+        of its own where the pod has not reported GenerateStream."""
+        assert isinstance(self.stub, pb_grpc.DecodeStub)
+        if self.report is None or not self.report.generate_stream:
+            return self.stub.Generate(request, metadata=metadata)
+        if self.stream is None:
+            self.stream = DecodeStream(self.stub)
+        return self.stream.start(request, metadata)
 
     @property
     def usable(self) -> bool:
@@ -174,6 +187,8 @@ class Pools:
         # CancelledError in whoever awaits it: wait for the last request and poll.
         if pod.leaving and pod.in_flight == 0 and pod.polls == 0 and pod.channel is not None:
             channel, pod.channel = pod.channel, None
+            if pod.stream is not None:
+                pod.stream.close()
             task = asyncio.get_running_loop().create_task(channel.close())
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
@@ -189,6 +204,9 @@ class Pools:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         channels = [p.channel for p in self.members if p.channel is not None]
+        for pod in self.members:
+            if pod.stream is not None:
+                pod.stream.close()
         self.members = []
         await asyncio.gather(*(c.close() for c in channels), *self._closing,
                              return_exceptions=True)

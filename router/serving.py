@@ -1,8 +1,9 @@
 """Running one ``Job`` against the decode pool: gRPC streams in, per-choice text deltas out.
 
 Read it top to bottom; one request goes through these steps:
-1. ``Generation.events`` starts one ``Decode.Generate`` call per prompt (a batch of prompts
-   runs its calls concurrently and merges their events). ``n`` > 1 is one call: the decode
+1. ``Generation.events`` starts one ``Decode.Generate`` request per prompt (a batch of
+   prompts runs them concurrently and merges their events), on the decode pod's shared
+   stream (router/decode_stream.py) or as a call of its own. ``n`` > 1 is one call: the decode
    pod forks the n sequences.
 2. ``_open`` picks a decode pod (least loaded) and a prefill pod (fewest outstanding prefill
    tokens) and reads the first response. A pod that is unreachable before answering is
@@ -30,8 +31,8 @@ import grpc
 from engine.tokenizer import IncrementalDetokenizer
 from engine.tracing import NO_SPAN, NullSpan, Phases, Tracing, span_or_none
 from protos import pdserve_pb2 as pb
-from protos import pdserve_pb2_grpc as pb_grpc
 from protos.convert import sampling_to_proto
+from router.decode_stream import GenerateCall
 from router.errors import APIError
 from router.metrics import RouterMetrics
 from router.policy import RouteRequest, RoutingPolicy, no_decode_pod
@@ -205,8 +206,7 @@ class Generation:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _open(self, index: int) -> tuple[grpc.aio.UnaryStreamCall, Lease,
-                                               pb.GenerateResponse]:
+    async def _open(self, index: int) -> tuple[GenerateCall, Lease, pb.GenerateResponse]:
         """Start Generate on the best decode pod; return the call and its first response."""
         ids = self.job.prompts[index]
         request = pb.GenerateRequest(
@@ -223,10 +223,9 @@ class Generation:
             prefill = self.policy.pick_prefill(route)
             request.prefill_endpoint = prefill.address if prefill is not None else ""
             lease = self.pools.lease(pod, prefill, len(ids))
-            assert isinstance(pod.stub, pb_grpc.DecodeStub)
             if self._sent_at is None:
                 self._sent_at = time.monotonic()
-            call = pod.stub.Generate(request, metadata=self._span.metadata())
+            call = pod.generate(request, self._span.metadata())
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as exc:
@@ -246,7 +245,7 @@ class Generation:
                 self.pools.release(lease)
                 raise APIError(502, f"decode pod {pod.address} ended the stream without output",
                                "upstream_error")
-            return call, lease, first
+            return call, lease, cast(pb.GenerateResponse, first)
 
     async def _prompt_events(self, index: int) -> AsyncIterator[Event]:
         job = self.job

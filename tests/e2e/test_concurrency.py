@@ -103,7 +103,7 @@ def test_concurrent_streams_are_spread_over_both_decode_pods(stack_2p2d: Stack) 
                     await stream.close()
 
     first = asyncio.run(run())
-    assert sorted(p["router_in_flight"] for p in first) == [2, 2], first
+    assert sorted(p["router_in_flight"] for p in first) == [2, 2], (first, stack.log_tail(6000))
     # the pods' own count of the requests they ran (their "running" is their load as last
     # polled, and a stream can finish on its pod before a poll sees it)
     started = started_per_pod()
