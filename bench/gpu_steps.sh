@@ -54,8 +54,10 @@ for step in "${@:-transfer}"; do
     streams)
       make_8b
       python3 bench/gpu_streams.py --model "$M8B" --streams 64 --input-len 128 \
-        --output-len 512 --connector "${CONNECTOR:-nccl}" --json "$OUT/streams.json" 2>&1 \
-        | tee "$OUT/streams.txt"
+        --output-len 512 --connector "${CONNECTOR:-nccl}" --json "$OUT/streams.json" \
+        --profile "$OUT/streams_profile" 2>&1 | tee "$OUT/streams.txt"
+      [ -d "$OUT/streams_profile" ] && python3 bench/py_spy_summary.py \
+        "$OUT"/streams_profile/*.txt > "$OUT/streams_profile/summary.txt" 2>&1
       ;;
     tier)
       make_8b

@@ -19,7 +19,9 @@ import argparse
 import json
 import multiprocessing as mp
 import random
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -116,6 +118,27 @@ def served_rate(url: str, model: str, streams: int, input_len: int, output_len: 
             "decode_tok_s": inside / (last - first)}
 
 
+def start_profiles(out: Path, delay_s: float, seconds: float) -> list[subprocess.Popen]:
+    """py-spy (when on PATH) samples the decode pod and the router for ``seconds`` after
+    ``delay_s``: raw collapsed stacks in ``out`` (bench/py_spy_summary.py reads them)."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        print("no py-spy on PATH: no profile", flush=True)
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for role in ("decode", "router"):
+        pids = subprocess.run(["pgrep", "-f", f"pdserve.cli {role} "], capture_output=True,
+                              text=True).stdout.split()
+        if not pids:
+            continue
+        procs.append(subprocess.Popen(
+            ["bash", "-c", f"sleep {delay_s}; exec {spy} record -p {pids[0]} -d {seconds} "
+             f"-r 200 -f raw --nonblocking -o {out / (role + '.txt')}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return procs
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, type=Path)
@@ -127,6 +150,8 @@ def main() -> int:
     p.add_argument("--pod-args", default="--max-num-batched-tokens 8192")
     p.add_argument("--port", type=int, default=8460)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--profile", type=Path, default=None,
+                   help="folder for py-spy profiles of the decode pod and the router")
     args = p.parse_args()
     from gpu_serving import start, stop
 
@@ -146,9 +171,12 @@ def main() -> int:
         model = httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
         served_rate(url, model, 8, args.input_len, 16, config["vocab_size"], 1)  # warm up
         print("warmed up", flush=True)
+        spies = start_profiles(args.profile, 2.0, 3.0) if args.profile else []
         served = served_rate(url, model, args.streams, args.input_len, args.output_len,
                              config["vocab_size"], args.clients)
         print(f"served: {served}", flush=True)
+        for spy in spies:
+            spy.wait(30)
     finally:
         stop(proc)
     step = graph_step_seconds(args.model, args.streams, ctx)

@@ -22,6 +22,8 @@ get .whl/base fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.
 # what pdserve up's router needs beyond those (fastapi 0.165 imports opentelemetry-api)
 get .whl/extra opentelemetry-api importlib-metadata zipp dnspython prometheus-client xxhash \
   h11 anyio click
+# py-spy: bench/gpu_streams.py --profile samples the decode pod and the router with it
+get .whl/extra py-spy==0.4.3
 "$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
   --python-version 3.12 --platform manylinux_2_31_x86_64 -d .whl/extra llguidance==1.9.1
 get .whl/nixl nixl==1.5.1 nixl-cu13==1.5.1
