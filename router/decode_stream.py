@@ -110,8 +110,10 @@ class StreamedCall:
         if self._ended:
             return False
         self._ended = True
-        if self._link.calls.pop(self._request_id, None) is not None and not self._link.broken:
-            self._link.send(cancel=self._request_id)
+        if self._link.calls.get(self._request_id) is self._queue:  # not a refused duplicate's
+            del self._link.calls[self._request_id]
+            if not self._link.broken:
+                self._link.send(cancel=self._request_id)
         return True
 
 
@@ -130,6 +132,11 @@ class DecodeStream:
             link = self._link = _Link(self._stub)
             self._reader = asyncio.create_task(self._read(link))
         queue: asyncio.Queue = asyncio.Queue()
+        if request.request_id in link.calls:  # its items could not be told apart
+            queue.put_nowait(rpc_error(grpc.StatusCode.ALREADY_EXISTS,
+                                       f"request id {request.request_id!r} is already running "
+                                       "on this decode pod"))
+            return StreamedCall(link, request.request_id, queue)
         link.calls[request.request_id] = queue
         link.send(start=pb.GenerateStart(request=request, metadata=dict(metadata)))
         return StreamedCall(link, request.request_id, queue)
