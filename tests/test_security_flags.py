@@ -28,7 +28,7 @@ def test_the_token_is_the_files_first_line(tmp_path: Path) -> None:
     (tmp_path / "token").write_text("abc123\n")
     security = security_from_args(parse("--grpc-token-file", str(tmp_path / "token")))
     assert security.token == "abc123"
-    assert len(security.client_interceptors()) == 2
+    assert len(security.client_interceptors()) == 3
 
 
 @pytest.mark.parametrize("content", ["", "\n", "two\nlines\n"])

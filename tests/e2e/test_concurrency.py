@@ -85,11 +85,10 @@ def test_concurrent_streams_are_spread_over_both_decode_pods(stack_2p2d: Stack) 
 
     started_before = started_per_pod()
 
-    async def run() -> list[dict]:
+    async def run() -> None:
         async with stack.async_client() as client:
             # long and heavy (two sequences, logprobs), and all four start together (one
-            # after another, the first could end before the last began), so all four are
-            # in flight at the router when /pools is read
+            # after another, the first could end before the last began)
             streams = await asyncio.gather(*(client.completions.create(
                 model=stack.model, prompt=[5 + i] * 40, max_tokens=1900, temperature=0,
                 n=2, logprobs=5, stream=True, extra_body={"ignore_eos": True})
@@ -97,15 +96,14 @@ def test_concurrent_streams_are_spread_over_both_decode_pods(stack_2p2d: Stack) 
             try:
                 # every request has started generating
                 await asyncio.gather(*(anext(aiter(stream)) for stream in streams))
-                return await asyncio.to_thread(stack.decode_pods)
             finally:
                 for stream in streams:
                     await stream.close()
 
-    first = asyncio.run(run())
-    assert sorted(p["router_in_flight"] for p in first) == [2, 2], (first, stack.log_tail(6000))
-    # the pods' own count of the requests they ran (their "running" is their load as last
-    # polled, and a stream can finish on its pod before a poll sees it)
+    asyncio.run(run())
+    # The pods' own count of the requests they ran. Not the router's in-flight count at
+    # the first chunk, nor the pods' polled load: a test client on two busy cores read its
+    # first chunks up to two seconds late, after two of the streams had finished.
     started = started_per_pod()
     assert sorted(started[a] - started_before[a] for a in started) == [2, 2], started
     assert stack.wait_decode_free(before, timeout=2.0) == before
