@@ -44,10 +44,21 @@ class LoadSnapshot:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, defer_delivery: bool | None = None) -> None:
         self.engine = engine
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # On a GPU a step's outputs go out once the next step is launched: the event loop
+        # (gRPC, one message per step) then takes the GIL while the engine thread waits for
+        # the device, not while it schedules and prepares the next step. On a CPU the
+        # forward is done when execute returns, so deferring would only add a step of
+        # latency. (None: decide by the device.)
+        self._defer = (engine.runner.device.type == "cuda" if defer_delivery is None
+                       else defer_delivery)
+        self._pending: list[tuple[str, RequestOutput | BaseException]] = []
+        self._launched = False  # the current step launched a forward
+        if self._defer:
+            engine.after_launch = self._on_launch
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
@@ -59,6 +70,8 @@ class AsyncEngine:
         if device.type == "cuda":  # the current device is per thread
             torch.cuda.set_device(device)
         while not self._stop.is_set():
+            if not self.engine.has_work():
+                self._deliver_pending()  # no next step to wait for
             self._run_commands(block=not self.engine.has_work())
             self._deliver([(rid, KVTransferError(
                 f"request {rid}: its KV did not arrive before the deadline"))
@@ -68,6 +81,7 @@ class AsyncEngine:
             self._deliver([(out.request_id, out) for out in self.engine.collect_outputs()])
             if not self.engine.has_work():
                 continue
+            self._launched = False
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # a bug must fail the requests, not hang them
@@ -75,8 +89,12 @@ class AsyncEngine:
                 self._fail_all(exc)
                 continue
             # a request the step could not compute ends with its error; the rest go on
-            self._deliver([*self.engine.take_failures(),
-                           *((out.request_id, out) for out in outputs)])
+            items: list[tuple[str, RequestOutput | BaseException]] = [
+                *self.engine.take_failures(), *((out.request_id, out) for out in outputs)]
+            if self._defer and self._launched and not self.engine.tier_stores_queued():
+                self._pending += items  # out at the next step's launch (or when idle)
+            else:
+                self._deliver(items)
             # the step's new prompt chunks go to the KV tier only now: never before a first
             # token (the copy is the engine's; the writes run on the tier's threads)
             self.engine.flush_tier_stores()
@@ -97,10 +115,25 @@ class AsyncEngine:
             except queue.Empty:
                 return
 
+    def _on_launch(self) -> None:
+        self._launched = True
+        self._deliver_pending()
+
+    def _deliver_pending(self) -> None:
+        items, self._pending = self._pending, []
+        self._send(items)
+
     def _deliver(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
-        """Hand a step's outputs to their streams: one wake-up per event loop, not one
-        per request (each call_soon_threadsafe writes to the loop's self-pipe, which cost
-        an eighth of the engine thread at 16 streams)."""
+        """Hand outputs (or errors) to their streams now, after any still pending, so that
+        a request's outputs stay in order."""
+        if items:
+            items, self._pending = [*self._pending, *items], []
+            self._send(items)
+
+    def _send(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """One wake-up per event loop, not one per request (each call_soon_threadsafe
+        writes to the loop's self-pipe, which cost an eighth of the engine thread at 16
+        streams)."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
         for request_id, item in items:
             entry = self._streams.get(request_id)

@@ -80,6 +80,9 @@ class LLMEngine:
         self.kv_receiver: KVReceiverPort | None = None
         self.failures: list[tuple[str, PdserveError]] = []  # see take_failures
         self.tier: TierCache | None = None  # the shared KV tier, when the pod has one
+        # called once a step's forward is launched, before the engine waits for it
+        # (AsyncEngine delivers the previous step's outputs then, on a GPU)
+        self.after_launch: Callable[[], None] | None = None
 
     @property
     def layout(self) -> KVLayout:
@@ -105,6 +108,10 @@ class LLMEngine:
         """Look prompts up in the shared KV tier before computing them and store their new
         chunks (engine/tier_cache.py); ``wake`` nudges the engine loop when a load is done."""
         self.tier = TierCache(port, self.scheduler, timeout_s, wake)
+
+    def tier_stores_queued(self) -> bool:
+        """Whether the last step left chunks for ``flush_tier_stores``."""
+        return self.tier is not None and self.tier.stores_queued
 
     def flush_tier_stores(self) -> None:
         """Hand the chunks the last step completed to the tier (after its outputs went out;
@@ -312,6 +319,8 @@ class LLMEngine:
                 self.tier.note_scheduled(seq)
         logits, row_seq = self.runner.execute(batch, self._kv_hook(batch, announced),
                                               plp.capture if plp is not None else None)
+        if self.after_launch is not None:
+            self.after_launch()
         if masks is not None:
             # now, while a GPU still runs the forward: the sampler's first index copy to
             # the device would wait for the forward to finish (masks.fill_inline)

@@ -388,7 +388,9 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: Seq[int],
         _revive_dead_rows(logits, before, bitmask, rows.any_min_tokens)
     greedy = torch.argmax(logits, dim=-1)
     tokens = _draw(logits, rows, greedy) if rows.any_random else greedy
-    token_list, bad = torch.stack([tokens, nan_rows.long()]).tolist()
+    # .cpu() waits for the device with the GIL released (a binding of its own), so the
+    # pod's event loop runs during the wait: the step's one sync
+    token_list, bad = torch.stack([tokens, nan_rows.long()]).cpu().tolist()
     if any(bad):
         rows_bad = [i for i, b in enumerate(bad) if b]
         raise RowSamplingError(f"the model's logits hold NaN for {len(rows_bad)} row(s)",

@@ -181,6 +181,10 @@ class TierCache:
             self._remember_chunk(hashes)
             seq.tier_stored = c + 1
 
+    @property
+    def stores_queued(self) -> bool:
+        return bool(self._stores)
+
     def flush(self) -> None:
         """Copy the queued chunks (before any block can be reused) and hand them over."""
         stores, self._stores = self._stores, []

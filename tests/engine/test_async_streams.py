@@ -67,3 +67,41 @@ def test_a_slow_reader_gets_fewer_messages_with_the_same_tokens(engine: AsyncEng
     assert tokens(slow) == tokens(fast) == logprob_ids(slow)
     assert len(slow) < len(fast) // 2  # merged while the reader slept
     assert slow[-1].finished and not any(o.finished for o in slow[:-1])
+
+
+def _concurrent(engine: AsyncEngine, tag: str) -> dict[int, tuple[dict[int, list[int]], bool]]:
+    """Five concurrent requests (one with n=2), read fully: request -> (sequence index ->
+    tokens, whether the last output said finished)."""
+    async def one(i: int) -> tuple[dict[int, list[int]], bool]:
+        params = SamplingParams(temperature=0.0, max_tokens=12 + 5 * i, ignore_eos=True,
+                                n=2 if i == 3 else 1)
+        tokens: dict[int, list[int]] = {}
+        last = None
+        async for out in engine.generate(f"{tag}{i}", [3 + i, 9, 27, 81 - i], params):
+            for d in out.deltas:
+                tokens.setdefault(d.index, []).extend(d.token_ids)
+            last = out
+        return tokens, last is not None and last.finished
+
+    async def run() -> list[tuple[dict[int, list[int]], bool]]:
+        return list(await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(5))), 60))
+    return dict(enumerate(asyncio.run(run())))
+
+
+def test_outputs_delivered_at_the_next_launch_are_the_same_and_none_is_held_back(
+        engine: AsyncEngine, tiny_model: Path) -> None:
+    # What GPU pods do (deliver a step's outputs once the next step is launched), forced
+    # on the CPU: every request gets the same tokens as with delivery right after the
+    # step, in order, and its end even when no step follows to launch (the engine idles).
+    deferred = AsyncEngine(LLMEngine(tiny_model, EngineArgs(num_kv_blocks=64, dtype="float32")),
+                           defer_delivery=True)
+    try:
+        got = _concurrent(deferred, "d")
+        assert not deferred._pending
+    finally:
+        deferred.shutdown()
+    want = _concurrent(engine, "i")
+    assert got == want
+    assert all(done for _, done in got.values())
+    assert [len(t[0]) for t, _ in got.values()] == [12, 17, 22, 27, 32]
+    assert len(got[3][0]) == 2 and got[3][0][0] == got[3][0][1]  # n=2, greedy
