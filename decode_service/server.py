@@ -13,10 +13,11 @@ gone, error -- the engine frees the request's blocks (once no transfer touches t
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -154,6 +155,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             self.metrics.prefill_decisions.labels("remote" if remote else "local").inc()
             first = True
             counted = False
+            tapped = False
             async for out in outputs:
                 if first:
                     first_at = time.monotonic()
@@ -170,6 +172,10 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 yield _response(out, first, remote_prefill=remote,
                                 phases={**phases.seconds(), **remote_phases} if first else None)
                 first = False
+                if not tapped and isinstance(context, RequestContext):
+                    # on a shared stream, the rest of its tokens (all but the last output)
+                    # go straight from the engine's callback into the stream
+                    tapped = self.engine.tap(rid, functools.partial(_emit_output, context.emit))
             if not counted:
                 self.metrics.requests.labels("decode", "ok").inc()
         except PdserveError as exc:
@@ -327,6 +333,10 @@ class DecodeServicer(pb_grpc.DecodeServicer):
 
     async def close(self) -> None:
         await self.channels.close()
+
+
+def _emit_output(emit: Callable[[pb.GenerateResponse], None], out: RequestOutput) -> None:
+    emit(_response(out, False, remote_prefill=False))
 
 
 def _response(out: RequestOutput, first: bool, remote_prefill: bool,

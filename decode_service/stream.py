@@ -45,10 +45,14 @@ class RequestAborted(Exception):
 
 
 class RequestContext:
-    """The part of a call's context that Generate's code uses, for one request of a stream."""
+    """The part of a call's context that Generate's code uses, for one request of a stream,
+    and ``emit``: a response straight into the stream, in order after those yielded (for
+    a running request's tokens, without waking its task; ``AsyncEngine.tap``)."""
 
-    def __init__(self, metadata: dict[str, str]) -> None:
+    def __init__(self, metadata: dict[str, str],
+                 emit: Callable[[pb.GenerateResponse], None]) -> None:
         self._metadata = tuple(metadata.items())
+        self.emit = emit
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return self._metadata
@@ -155,12 +159,15 @@ class RequestStream:
         if not self._reading and not self._tasks:
             self._outbox.close()
 
+    def _emit(self, rid: str, response: pb.GenerateResponse) -> None:
+        self._outbox.put(pb.StreamItem(request_id=rid, response=response))
+
     async def _one(self, start: pb.GenerateStart) -> None:
         rid = start.request.request_id
-        context = RequestContext(dict(start.metadata))
+        context = RequestContext(dict(start.metadata), functools.partial(self._emit, rid))
         try:
             async for response in self._run_one(start.request, context):
-                self._outbox.put(pb.StreamItem(request_id=rid, response=response))
+                self._emit(rid, response)
         except RequestAborted as exc:
             self._outbox.put(_end(rid, exc.code, exc.details))
         except asyncio.CancelledError:

@@ -48,6 +48,9 @@ class AsyncEngine:
         self.engine = engine
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # request id -> where its outputs go instead of its queue once it runs steadily
+        # (``tap``); read and written on the event loop's thread only
+        self._taps: dict[str, Callable[[RequestOutput], None]] = {}
         # On a GPU a step's outputs go out once the next step is launched: the event loop
         # (gRPC, one message per step) then takes the GIL while the engine thread waits for
         # the device, not while it schedules and prepares the next step. On a CPU the
@@ -134,7 +137,7 @@ class AsyncEngine:
         """One wake-up per event loop, not one per request (each call_soon_threadsafe
         writes to the loop's self-pipe, which cost an eighth of the engine thread at 16
         streams)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[str, asyncio.Queue, Any]]] = {}
         for request_id, item in items:
             entry = self._streams.get(request_id)
             if entry is None:
@@ -142,9 +145,19 @@ class AsyncEngine:
             loop, q = entry
             if isinstance(item, BaseException) or item.finished:
                 self._streams.pop(request_id, None)
-            by_loop.setdefault(loop, []).append((q, item))
+            by_loop.setdefault(loop, []).append((request_id, q, item))
         for loop, batch in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, batch)
+            loop.call_soon_threadsafe(self._put_all, batch)
+
+    def _put_all(self, batch: list[tuple[str, asyncio.Queue, Any]]) -> None:
+        """On the event loop: each output to its request's tap or queue. A request's last
+        output and errors always go to its queue, so its consumer sees how it ended."""
+        for request_id, q, item in batch:
+            tap = self._taps.get(request_id)
+            if tap is not None and isinstance(item, RequestOutput) and not item.finished:
+                tap(item)
+            else:
+                q.put_nowait(item)
 
     def _fail_all(self, exc: Exception) -> None:
         for rid in list(self._streams):
@@ -198,6 +211,7 @@ class AsyncEngine:
         finally:
             # finish, cancel, disconnect or error: free the request's blocks (idempotent)
             self._streams.pop(request_id, None)
+            self._taps.pop(request_id, None)
             self._commands.put(lambda: self.engine.abort(request_id))
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
@@ -274,8 +288,21 @@ class AsyncEngine:
     def limits(self) -> EngineLimits:
         return self.engine.limits
 
+    def tap(self, request_id: str, tap: Callable[[RequestOutput], None]) -> bool:
+        """From now on hand the request's outputs, all but its last, straight to ``tap`` on
+        the event loop instead of waking the request's reader for each: a decode pod's
+        shared stream writes a running request's tokens this way, one step of every
+        request in one callback. Only while nothing is queued for the reader (outputs stay
+        in order); returns whether it took. Call on the request's event loop."""
+        entry = self._streams.get(request_id)
+        if entry is None or entry[1].qsize():
+            return False
+        self._taps[request_id] = tap
+        return True
+
     async def abort(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
+        self._taps.pop(request_id, None)
         await self.call(lambda: self.engine.abort(request_id))
 
     def load(self) -> LoadSnapshot:
@@ -287,11 +314,6 @@ class AsyncEngine:
     def shutdown(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-
-
-def _put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:
-    for q, item in batch:
-        q.put_nowait(item)
 
 
 def _nothing() -> None:

@@ -105,3 +105,27 @@ def test_outputs_delivered_at_the_next_launch_are_the_same_and_none_is_held_back
     assert all(done for _, done in got.values())
     assert [len(t[0]) for t, _ in got.values()] == [12, 17, 22, 27, 32]
     assert len(got[3][0]) == 2 and got[3][0][0] == got[3][0][1]  # n=2, greedy
+
+
+def test_a_tapped_request_hands_all_but_its_last_output_to_the_tap_in_order(
+        engine: AsyncEngine) -> None:
+    async def run() -> tuple[list[int], list[int], list[RequestOutput], bool]:
+        params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+        tapped: list[int] = []
+        read: list[RequestOutput] = []
+        took = False
+        async for out in engine.generate("tapped", [5, 6, 7, 8, 9], params):
+            read.append(out)
+            if not took:  # after the first output, as a decode pod's shared stream does
+                took = engine.tap("tapped", lambda o: tapped.extend(
+                    t for d in o.deltas for t in d.token_ids))
+        return [t for o in read for d in o.deltas for t in d.token_ids], tapped, read, took
+
+    through_reader, through_tap, read, took = asyncio.run(run())
+    alone = [t for o in _read(engine, "untapped", 0.0) for d in o.deltas for t in d.token_ids]
+    assert took
+    assert len(read) == 2 and read[-1].finished  # the first output, then the last
+    assert through_reader[:len(read[0].deltas[0].token_ids)] + through_tap + \
+        through_reader[len(read[0].deltas[0].token_ids):] == alone[:30]
+    assert len(through_tap) > 20
+    assert not engine.tap("gone", lambda o: None)  # no such request: nothing taps
