@@ -59,9 +59,8 @@ class AsyncEngine:
         self._defer = (engine.runner.device.type == "cuda" if defer_delivery is None
                        else defer_delivery)
         self._pending: list[tuple[str, RequestOutput | BaseException]] = []
-        self._launched = False  # the current step launched a forward
         if self._defer:
-            engine.after_launch = self._on_launch
+            engine.after_launch = self._deliver_pending
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
@@ -84,7 +83,7 @@ class AsyncEngine:
             self._deliver([(out.request_id, out) for out in self.engine.collect_outputs()])
             if not self.engine.has_work():
                 continue
-            self._launched = False
+            steps = self.engine.num_steps
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # a bug must fail the requests, not hang them
@@ -94,7 +93,8 @@ class AsyncEngine:
             # a request the step could not compute ends with its error; the rest go on
             items: list[tuple[str, RequestOutput | BaseException]] = [
                 *self.engine.take_failures(), *((out.request_id, out) for out in outputs)]
-            if self._defer and self._launched and not self.engine.tier_stores_queued():
+            launched = self.engine.num_steps != steps  # a batch ran: a next one may follow
+            if self._defer and launched and not self.engine.tier_stores_queued():
                 self._pending += items  # out at the next step's launch (or when idle)
             else:
                 self._deliver(items)
@@ -117,10 +117,6 @@ class AsyncEngine:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
-
-    def _on_launch(self) -> None:
-        self._launched = True
-        self._deliver_pending()
 
     def _deliver_pending(self) -> None:
         items, self._pending = self._pending, []

@@ -120,27 +120,26 @@ def _with_header(details: grpc.aio.ClientCallDetails, header: tuple[str, str]
                                       details.credentials, details.wait_for_ready)
 
 
-class _UnaryUnaryToken(grpc.aio.UnaryUnaryClientInterceptor):
+class _Token:
+    """Adds the token header to each call; one subclass per call shape, as grpc.aio files
+    a client interceptor under the first interceptor type it is an instance of."""
+
     def __init__(self, header: tuple[str, str]) -> None:
         self._header = header
 
+
+class _UnaryUnaryToken(_Token, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(_with_header(details, self._header), request)
 
 
-class _UnaryStreamToken(grpc.aio.UnaryStreamClientInterceptor):
-    def __init__(self, header: tuple[str, str]) -> None:
-        self._header = header
-
+class _UnaryStreamToken(_Token, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any,
                                      request: Any) -> Any:
         return await continuation(_with_header(details, self._header), request)
 
 
-class _StreamStreamToken(grpc.aio.StreamStreamClientInterceptor):
-    def __init__(self, header: tuple[str, str]) -> None:
-        self._header = header
-
+class _StreamStreamToken(_Token, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Any, details: Any,
                                       request_iterator: Any) -> Any:
         return await continuation(_with_header(details, self._header), request_iterator)

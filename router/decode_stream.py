@@ -156,7 +156,7 @@ class DecodeStream:
             error = exc if exc.code() is not grpc.StatusCode.CANCELLED else rpc_error(
                 grpc.StatusCode.UNAVAILABLE, "the request stream to the decode pod closed")
         except asyncio.CancelledError:
-            link.fail(rpc_error(grpc.StatusCode.UNAVAILABLE, "the router is closing"))
+            error = rpc_error(grpc.StatusCode.UNAVAILABLE, "the router is closing")
             raise
         finally:
             link.fail(error)
