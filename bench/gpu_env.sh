@@ -12,5 +12,7 @@ done
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # .whl/bin holds redis-server (bench/gpu_wheels.sh), found on PATH by tests/redis_server.py
 [ -d .whl/bin ] && export PATH="$PWD/.whl/bin:$PATH"
+# console scripts of the carried wheels (py-spy for gpu_streams.py --profile)
+export PATH="/tmp/site/bin:$PATH"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 python3 -c "import torch; print('torch', torch.__version__, 'gpus', torch.cuda.device_count())"
