@@ -36,7 +36,7 @@ for step in "${@:-transfer}"; do
         --out /tmp/m1b --layers 16 --hidden 2048 --heads 32 --kv-heads 8 --intermediate 8192 \
         --vocab 128256 --dtype bfloat16 --device cuda 2>&1 | tail -1
       python3 bench/structured_bench.py --model /tmp/m1b --device cuda --dtype bfloat16 \
-        --batches 1,32 --max-tokens 128 --repeat 2 2>&1 | tee "$OUT/structured_gpu.txt"
+        --batches 1,32 --max-tokens 128 --repeat 2 --fill worker,inline 2>&1 | tee "$OUT/structured_gpu.txt"
       ;;
     cuda-tests)
       python3 -m pytest -q -p no:cacheprovider tests/kv_transfer/test_kv_cuda.py \
@@ -56,7 +56,7 @@ for step in "${@:-transfer}"; do
       python3 bench/gpu_streams.py --model "$M8B" --streams 64 --input-len 128 \
         --output-len 512 --connector "${CONNECTOR:-nccl}" --json "$OUT/streams.json" \
         --profile "$OUT/streams_profile" 2>&1 | tee "$OUT/streams.txt"
-      [ -d "$OUT/streams_profile" ] && python3 bench/py_spy_summary.py \
+      compgen -G "$OUT/streams_profile/*.txt" > /dev/null && python3 bench/py_spy_summary.py \
         "$OUT"/streams_profile/*.txt > "$OUT/streams_profile/summary.txt" 2>&1
       ;;
     tier)

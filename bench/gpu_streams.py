@@ -134,7 +134,8 @@ def start_profiles(out: Path, delay_s: float, seconds: float) -> list[subprocess
             continue
         procs.append(subprocess.Popen(
             ["bash", "-c", f"sleep {delay_s}; exec {spy} record -p {pids[0]} -d {seconds} "
-             f"-r 200 -f raw --nonblocking -o {out / (role + '.txt')}"],
+             f"-r 200 -f raw --nonblocking -o {out / (role + '.txt')} "
+             f"> {out / (role + '.err')} 2>&1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     return procs
 

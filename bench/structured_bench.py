@@ -78,6 +78,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    ap.add_argument("--fill", default="worker",
+                    help="comma-separated: worker (a worker thread, prefetched at each step's "
+                    "end: the engine's default), inline (the engine thread, when sampling "
+                    "needs them)")
     args = ap.parse_args()
     engine = LLMEngine(args.model, EngineArgs(device=args.device, dtype=args.dtype,
                                               num_kv_blocks=4096, max_num_seqs=256,
@@ -88,12 +92,14 @@ def main() -> None:
           f"per sequence, median of {args.repeat}")
     _run(engine, 2, 16, True, "warm-json")  # compiles the grammar, warms every path
     _run(engine, 2, 16, False, "warm-free")
-    print("| batch | unconstrained tok/s | JSON schema tok/s | constrained / unconstrained "
-          "| step ms free / JSON | mask fill ms/step | engine waited ms/step "
-          "| advance ms/step |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| masks filled | batch | unconstrained tok/s | JSON schema tok/s "
+          "| constrained / unconstrained | step ms free / JSON | mask fill ms/step "
+          "| engine waited ms/step | advance ms/step |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     times = engine.structured.times
-    for batch in (int(b) for b in args.batches.split(",")):
+    for fill, batch in ((f, int(b)) for f in args.fill.split(",")
+                        for b in args.batches.split(",")):
+        engine.structured.fill_inline = fill == "inline"
         rates: dict[bool, list[float]] = {False: [], True: []}
         step_ms: dict[bool, list[float]] = {False: [], True: []}
         spent = [0.0, 0.0, 0.0]  # fill, waited, advance over the constrained runs
@@ -111,7 +117,7 @@ def main() -> None:
                     json_steps += steps
         free, json_ = statistics.median(rates[False]), statistics.median(rates[True])
         per = [1e3 * x / max(json_steps, 1) for x in spent]
-        print(f"| {batch} | {free:.0f} | {json_:.0f} | {json_ / free:.2f} "
+        print(f"| {fill} | {batch} | {free:.0f} | {json_:.0f} | {json_ / free:.2f} "
               f"| {statistics.median(step_ms[False]):.2f} / "
               f"{statistics.median(step_ms[True]):.2f} "
               f"| {per[0]:.2f} | {per[1]:.2f} | {per[2]:.2f} |", flush=True)

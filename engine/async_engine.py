@@ -59,6 +59,9 @@ class AsyncEngine:
         self._defer = (engine.runner.device.type == "cuda" if defer_delivery is None
                        else defer_delivery)
         self._pending: list[tuple[str, RequestOutput | BaseException]] = []
+        # Deferred, a step's outputs are even built (collect_outputs: a Python pass over the
+        # batch) only at the next launch, while the device runs; True while they wait.
+        self._uncollected = False
         if self._defer:
             engine.after_launch = self._deliver_pending
         self._stop = threading.Event()
@@ -74,18 +77,19 @@ class AsyncEngine:
         while not self._stop.is_set():
             if not self.engine.has_work():
                 self._deliver_pending()  # no next step to wait for
-            self._run_commands(block=not self.engine.has_work())
+            ran = self._run_commands(block=not self.engine.has_work())
             self._deliver([(rid, KVTransferError(
                 f"request {rid}: its KV did not arrive before the deadline"))
                 for rid in self.engine.housekeeping()])
             # Outputs a command produced (a remote prefill's first token) go out now, not
             # after the next forward: that would add a decode step to the time to first token.
-            self._deliver([(out.request_id, out) for out in self.engine.collect_outputs()])
+            if ran or not self._uncollected:
+                self._deliver([(out.request_id, out) for out in self.engine.collect_outputs()])
             if not self.engine.has_work():
                 continue
             steps = self.engine.num_steps
             try:
-                outputs = self.engine.step()
+                outputs = self.engine.step(collect=not self._defer)
             except Exception as exc:  # a bug must fail the requests, not hang them
                 log.exception("engine step failed")
                 self._fail_all(exc)
@@ -96,18 +100,24 @@ class AsyncEngine:
             launched = self.engine.num_steps != steps  # a batch ran: a next one may follow
             if self._defer and launched and not self.engine.tier_stores_queued():
                 self._pending += items  # out at the next step's launch (or when idle)
+                self._uncollected = True
             else:
+                if self._defer:
+                    items += [(out.request_id, out) for out in self.engine.collect_outputs()]
                 self._deliver(items)
             # the step's new prompt chunks go to the KV tier only now: never before a first
             # token (the copy is the engine's; the writes run on the tier's threads)
             self.engine.flush_tier_stores()
 
-    def _run_commands(self, block: bool) -> None:
+    def _run_commands(self, block: bool) -> bool:
+        """Run the queued commands; False when there were none."""
         try:
             cmd = self._commands.get(timeout=_IDLE_WAIT_S) if block else \
                 self._commands.get_nowait()
         except queue.Empty:
-            return
+            return False
+        # A command may end a request (abort, a stop string): its outputs so far first.
+        self._collect_deferred()
         while True:
             try:
                 cmd()
@@ -116,9 +126,15 @@ class AsyncEngine:
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
-                return
+                return True
+
+    def _collect_deferred(self) -> None:
+        if self._uncollected:
+            self._uncollected = False
+            self._pending += [(out.request_id, out) for out in self.engine.collect_outputs()]
 
     def _deliver_pending(self) -> None:
+        self._collect_deferred()
         items, self._pending = self._pending, []
         self._send(items)
 
@@ -126,6 +142,7 @@ class AsyncEngine:
         """Hand outputs (or errors) to their streams now, after any still pending, so that
         a request's outputs stay in order."""
         if items:
+            self._collect_deferred()
             items, self._pending = [*self._pending, *items], []
             self._send(items)
 

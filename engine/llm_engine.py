@@ -74,8 +74,7 @@ class LLMEngine:
         self._seq_ids = count()
         self._rng = random.Random(args.seed)
         self.structured = StructuredOutputs.for_model(
-            self.model_dir, self.config.vocab_size, self.eos_token_ids,
-            fill_inline=self.runner.device.type == "cuda")
+            self.model_dir, self.config.vocab_size, self.eos_token_ids)
         self.num_steps = 0
         self.kv_receiver: KVReceiverPort | None = None
         self.failures: list[tuple[str, PdserveError]] = []  # see take_failures
@@ -274,16 +273,19 @@ class LLMEngine:
 
     # -- the step ---------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, collect: bool = True) -> list[RequestOutput]:
         """One forward over the scheduled batch, then one token per sampling row.
+
+        ``collect=False`` leaves the step's outputs pending for a later ``collect_outputs``
+        (an AsyncEngine on a GPU builds them while the next step's forward runs).
 
         A failure is the failing request's alone: a row that cannot be sampled or advanced
         fails its request; a forward that raises is retried one sequence at a time, so the
         sequence that makes it raise fails and the others go on (``take_failures``)."""
         self.flush_tier_stores()  # before schedule() may hand their blocks out again
         batch = self.scheduler.schedule()
-        if not batch.seqs:
-            return self.collect_outputs()  # e.g. a remote prefill whose first token ended it
+        if not batch.seqs:  # e.g. a remote prefill whose first token ended it
+            return self.collect_outputs() if collect else []
         self.num_steps += 1
         started = time.monotonic()
         for seq in batch.seqs:
@@ -306,7 +308,7 @@ class LLMEngine:
                         self._forward_and_sample(single, announced)
                     except Exception as one:
                         self._fail(single.seqs[0].request_id, one)
-        return self.collect_outputs()
+        return self.collect_outputs() if collect else []
 
     def _forward_and_sample(self, batch: ScheduledBatch, announced: set[tuple[str, int]]
                             ) -> None:
@@ -323,7 +325,7 @@ class LLMEngine:
             self.after_launch()
         if masks is not None:
             # now, while a GPU still runs the forward: the sampler's first index copy to
-            # the device would wait for the forward to finish (masks.fill_inline)
+            # the device would wait for the forward to finish
             masks.wait()
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=False):
             seq.num_computed_tokens += n
@@ -363,6 +365,8 @@ class LLMEngine:
                 self._append(owner, seq, *drawn)
             except Exception as exc:
                 self._fail(seq.request_id, exc)
+        if masks is not None:
+            self.structured.prefetch(to_sample)  # the next step's masks, from now on
 
     def _fail(self, request_id: str, exc: Exception) -> None:
         """End a request whose computation raised, freeing its blocks; its caller learns why

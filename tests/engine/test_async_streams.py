@@ -129,3 +129,42 @@ def test_a_tapped_request_hands_all_but_its_last_output_to_the_tap_in_order(
         through_reader[len(read[0].deltas[0].token_ids):] == alone[:30]
     assert len(through_tap) > 20
     assert not engine.tap("gone", lambda o: None)  # no such request: nothing taps
+
+
+def test_an_abort_while_outputs_are_deferred_ends_only_its_request(tiny_model: Path) -> None:
+    # Deferred, a step's outputs are built only at the next launch; an abort (a command)
+    # in between must not lose the other requests' tokens or keep the aborted one's blocks.
+    deferred = AsyncEngine(LLMEngine(tiny_model, EngineArgs(num_kv_blocks=64, dtype="float32")),
+                           defer_delivery=True)
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+
+    async def read(rid: str, prompt: list[int], abort_after: int | None) -> list[int]:
+        tokens: list[int] = []
+        async for out in deferred.generate(rid, prompt, params):
+            tokens += [t for d in out.deltas for t in d.token_ids]
+            if abort_after is not None and len(tokens) >= abort_after:
+                await deferred.abort(rid)
+                break
+        return tokens
+
+    async def run() -> list[list[int]]:
+        return list(await asyncio.wait_for(asyncio.gather(
+            read("keep0", [4, 8, 15], None), read("gone", [16, 23, 42], 5),
+            read("keep1", [1, 2, 3], None)), 60))
+    try:
+        keep0, gone, keep1 = asyncio.run(run())
+        assert len(keep0) == len(keep1) == 30 and 5 <= len(gone) < 30
+        alone = AsyncEngine(LLMEngine(tiny_model, EngineArgs(num_kv_blocks=64,
+                                                             dtype="float32")))
+        try:
+            async def ref(prompt: list[int]) -> list[int]:
+                return [t async for out in alone.generate("ref", prompt, params)
+                        for d in out.deltas for t in d.token_ids]
+            assert asyncio.run(ref([4, 8, 15])) == keep0
+            assert asyncio.run(ref([1, 2, 3])) == keep1
+        finally:
+            alone.shutdown()
+        pool = deferred.engine.pool
+        assert pool.num_free == pool.num_blocks and not deferred.engine.requests
+    finally:
+        deferred.shutdown()
