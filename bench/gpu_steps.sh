@@ -13,6 +13,8 @@
 #   streams     issue 9: 64 streams through the router vs the CUDA-graph step alone
 #   tier        issue 10: TTFT of 4k and 16k prefixes, tier hit vs recompute, 8B model
 #   disagg      issue 13: 1P1D vs 2 colocated replicas, one trace, rising rates
+#   prefill     the engine's prefill alone on the 8B model: first-token ms, kernels
+#   fill        llguidance's mask fill of 32 rows by thread count (issue 14; host only)
 # Results go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -71,6 +73,15 @@ for step in "${@:-transfer}"; do
         --rates "${RATES:-1.5,3,5}" --num-requests "${REQUESTS:-40}" --warmup 16 \
         --prefill-pod-args "${PREFILL_POD_ARGS:-}" --out "$OUT/disagg" 2>&1 \
         | tee "$OUT/disagg.txt"
+      ;;
+    prefill)
+      make_8b
+      python3 bench/gpu_prefill.py --model "$M8B" 2>&1 | tee "$OUT/prefill.txt"
+      ;;
+    fill)
+      make_8b
+      python3 bench/grammar_fill.py --model "$M8B" --threads 1,4,16,0 2>&1 \
+        | tee "$OUT/grammar_fill.txt"
       ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac

@@ -118,7 +118,7 @@ def served_rate(url: str, model: str, streams: int, input_len: int, output_len: 
             "decode_tok_s": inside / (last - first)}
 
 
-def start_profiles(out: Path, delay_s: float, seconds: float) -> list[subprocess.Popen]:
+def start_profiles(out: Path, delay_s: int, seconds: int) -> list[subprocess.Popen]:
     """py-spy (when on PATH) samples the decode pod and the router for ``seconds`` after
     ``delay_s``: raw collapsed stacks in ``out`` (bench/py_spy_summary.py reads them)."""
     spy = shutil.which("py-spy")
@@ -172,7 +172,7 @@ def main() -> int:
         model = httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
         served_rate(url, model, 8, args.input_len, 16, config["vocab_size"], 1)  # warm up
         print("warmed up", flush=True)
-        spies = start_profiles(args.profile, 2.0, 3.0) if args.profile else []
+        spies = start_profiles(args.profile, 2, 3) if args.profile else []
         served = served_rate(url, model, args.streams, args.input_len, args.output_len,
                              config["vocab_size"], args.clients)
         print(f"served: {served}", flush=True)

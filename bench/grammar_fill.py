@@ -1,0 +1,78 @@
+"""How long llguidance takes to fill one step's token bitmasks, by thread count.
+
+32 matchers of the JSON schema bench/structured_bench.py decodes under, each made as the
+engine makes them (a deep copy of the compiled template) and walked by random allowed
+tokens; per step, one ``unsafe_compute_mask_ptr`` over all rows (what the engine's worker
+does), timed after a warm-up of 10 steps. Host only: no model runs.
+
+    .venv/bin/python bench/grammar_fill.py --model models/default [--threads 1,2,4,0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from structured_bench import SCHEMA
+
+from engine.structured_output import GrammarCompiler, tokenizer_factory_for
+from engine.structured_spec import StructuredOutputSpec
+
+
+def fill_ms(template: object, vocab: int, rows: int, threads: int, steps: int) -> float:
+    from llguidance import LLExecutor
+
+    executor = LLExecutor(threads) if threads else LLExecutor()
+    rng = random.Random(1)
+    matchers = [template.deep_copy() for _ in range(rows)]  # type: ignore[attr-defined]
+    words = (vocab + 31) // 32
+    out = torch.full((rows, words), -1, dtype=torch.int32)
+    times = []
+    for step in range(steps + 10):
+        pairs = [(m, i) for i, m in enumerate(matchers)]
+        t0 = time.perf_counter()
+        executor.unsafe_compute_mask_ptr(pairs, out.data_ptr(), words * 4, rows)
+        if step >= 10:
+            times.append(time.perf_counter() - t0)
+        bits = out.numpy().view(np.uint8)
+        for i, m in enumerate(matchers):
+            allowed = np.flatnonzero(np.unpackbits(bits[i], bitorder="little")[:vocab])
+            m.consume_token(int(rng.choice(allowed)))
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="models/default")
+    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--threads", default="1,2,4,8,16,0", help="0: llguidance's default")
+    ap.add_argument("--steps", type=int, default=60)
+    args = ap.parse_args()
+    config = json.loads((Path(args.model) / "config.json").read_text())
+    vocab = config["vocab_size"]
+    compiler = GrammarCompiler(tokenizer_factory_for(args.model, vocab,
+                                                     [config.get("eos_token_id") or 0]))
+    template = compiler.compile(StructuredOutputSpec.json_schema(SCHEMA))
+    print(f"{args.model}: vocab {vocab}; "
+          f"{os.cpu_count()} CPUs, {len(os.sched_getaffinity(0))} usable; {args.rows} rows")
+    print("| threads | ms per fill (median) | us per row |")
+    print("| --- | --- | --- |")
+    for threads in (int(t) for t in args.threads.split(",")):
+        ms = fill_ms(template, vocab, args.rows, threads, args.steps)
+        print(f"| {threads or 'default'} | {ms:.3f} | {1e3 * ms / args.rows:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
