@@ -14,6 +14,7 @@
 #   tier        issue 10: TTFT of 4k and 16k prefixes, tier hit vs recompute, 8B model
 #   disagg      issue 13: 1P1D vs 2 colocated replicas, one trace, rising rates
 #   prefill     the engine's prefill alone on the 8B model: first-token ms, kernels
+#   ttft        4k prompts one at a time through pdserve up (colocated, nccl), profiled
 #   fill        llguidance's mask fill of 32 rows by thread count (issue 14; host only)
 # Results go to $OUT.
 set -uo pipefail
@@ -77,6 +78,15 @@ for step in "${@:-transfer}"; do
     prefill)
       make_8b
       python3 bench/gpu_prefill.py --model "$M8B" 2>&1 | tee "$OUT/prefill.txt"
+      ;;
+    ttft)
+      make_8b
+      for system in ${TTFT_SYSTEMS:-colocated nccl}; do
+        python3 bench/gpu_ttft_profile.py --model "$M8B" --system "$system" \
+          --profile "$OUT/ttft_$system" 2>&1 | tee -a "$OUT/ttft.txt"
+        compgen -G "$OUT/ttft_$system/*.txt" > /dev/null && python3 bench/py_spy_summary.py \
+          "$OUT/ttft_$system"/*.txt > "$OUT/ttft_$system/summary.txt" 2>&1
+      done
       ;;
     fill)
       make_8b

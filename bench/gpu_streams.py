@@ -118,8 +118,9 @@ def served_rate(url: str, model: str, streams: int, input_len: int, output_len: 
             "decode_tok_s": inside / (last - first)}
 
 
-def start_profiles(out: Path, delay_s: int, seconds: int) -> list[subprocess.Popen]:
-    """py-spy (when on PATH) samples the decode pod and the router for ``seconds`` after
+def start_profiles(out: Path, delay_s: int, seconds: int,
+                   roles: tuple[str, ...] = ("decode", "router")) -> list[subprocess.Popen]:
+    """py-spy (when on PATH) samples the pods of ``roles`` for ``seconds`` after
     ``delay_s``: raw collapsed stacks in ``out`` (bench/py_spy_summary.py reads them)."""
     spy = shutil.which("py-spy")
     if spy is None:
@@ -127,7 +128,7 @@ def start_profiles(out: Path, delay_s: int, seconds: int) -> list[subprocess.Pop
         return []
     out.mkdir(parents=True, exist_ok=True)
     procs = []
-    for role in ("decode", "router"):
+    for role in roles:
         pids = subprocess.run(["pgrep", "-f", f"pdserve.cli {role} "], capture_output=True,
                               text=True).stdout.split()
         if not pids:
