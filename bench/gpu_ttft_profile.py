@@ -46,7 +46,7 @@ def main() -> None:
             prompt = [rng.randrange(1000, 100000) for _ in range(args.length)]
             body = {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0}
             t0 = time.perf_counter()
-            httpx.post(f"{url}/completions", json=body, timeout=120).raise_for_status()
+            httpx.post(f"{base}/v1/completions", json=body, timeout=120).raise_for_status()
             return time.perf_counter() - t0
 
         ttft(), ttft()  # warm-up
