@@ -33,6 +33,8 @@ class AttentionMetadata:
     block_tables: [B, max_blocks] int32; context_lens: [B] int32 tokens after this step;
     cu_seqlens_q: [B+1] int32 offsets of each sequence's new tokens in the flat batch.
     is_decode: every sequence has exactly one new token (the decode kernel serves it).
+    max_q_len: the most new tokens of one sequence, known on the host (else the prefill
+    kernel reads it from the device: a wait for the device in every layer).
     """
 
     slot_mapping: torch.Tensor
@@ -40,6 +42,7 @@ class AttentionMetadata:
     context_lens: torch.Tensor
     cu_seqlens_q: torch.Tensor
     is_decode: bool
+    max_q_len: int | None = None
 
 
 LayerHook = Callable[[int], None]
@@ -114,7 +117,7 @@ class DecoderLayer(nn.Module):
                                            self.scale)
         else:
             o = ops.paged_prefill_attention(q, kv_cache, attn.block_tables, attn.cu_seqlens_q,
-                                            attn.context_lens, self.scale)
+                                            attn.context_lens, self.scale, attn.max_q_len)
         return ops.linear(o.reshape(-1, self.q_size), self.o_weight, None,
                           self.packed.get("o_weight"))
 

@@ -137,7 +137,8 @@ class ModelRunner:
         attn = AttentionMetadata(
             slot_mapping=i64[2 * t:3 * t], block_tables=i32[2 * b + 1:].view(b, width),
             context_lens=i32[:b], cu_seqlens_q=i32[b:2 * b + 1],
-            is_decode=all(n == 1 for n in batch.num_new_tokens))
+            is_decode=all(n == 1 for n in batch.num_new_tokens),
+            max_q_len=max(batch.num_new_tokens))
         return StepInputs(i64[:t], i64[t:2 * t], attn, i64[3 * t:], row_seq)
 
     @torch.inference_mode()

@@ -145,11 +145,12 @@ def paged_decode_attention(
 def paged_prefill_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
     cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float,
+    max_q_len: int | None = None,
 ) -> torch.Tensor:
     if use_triton(q):
         from kernels import triton_prefill_attention
         return triton_prefill_attention.paged_prefill_attention(
-            q, kv_cache, block_tables, cu_seqlens_q, context_lens, scale)
+            q, kv_cache, block_tables, cu_seqlens_q, context_lens, scale, max_q_len)
     if use_cpu_kernels(q):
         return cpu_attention.paged_prefill_attention(q, kv_cache, block_tables, cu_seqlens_q,
                                                      context_lens, scale)

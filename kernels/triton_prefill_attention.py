@@ -181,6 +181,7 @@ def paged_prefill_attention(
     cu_seqlens_q: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    max_q_len: int | None = None,
 ) -> torch.Tensor:
     return prefill_attention_out(q, kv_cache, block_tables, cu_seqlens_q, context_lens, scale,
-                                 torch.empty_like(q))
+                                 torch.empty_like(q), max_q_len=max_q_len)
