@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import queue
 import threading
 import time
 from collections.abc import Coroutine, Sequence
@@ -72,6 +73,9 @@ class KVTier:
         self._io = LoopThread("kv-tier-io")
         self._encoder = concurrent.futures.ThreadPoolExecutor(config.encode_threads,
                                                               thread_name_prefix="kv-tier-enc")
+        # pinned staging buffers for device KV, one per encoder thread at most, made on
+        # first use (pinned memory is costly to allocate: never per chunk)
+        self._staging: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()
         self._sem = self._io.run(self._make_semaphore(config.max_concurrency), timeout=5)
         self._pending = 0
         self._idle = threading.Condition()
@@ -281,6 +285,19 @@ class KVTier:
         self.metrics.misses.labels("host").inc()
         return None
 
+    def _encode(self, chunk_hash: bytes, layers: list[torch.Tensor]) -> memoryview:
+        """On an encoder thread: the chunk's value, device layers through pinned memory."""
+        if not layers or layers[0].device.type != "cuda":
+            return encode_value(self.spec, chunk_hash, layers)
+        try:
+            staging = self._staging.get_nowait()
+        except queue.Empty:
+            staging = torch.empty(self.spec.payload_bytes, dtype=torch.uint8, pin_memory=True)
+        try:
+            return encode_value(self.spec, chunk_hash, layers, staging)
+        finally:
+            self._staging.put(staging)
+
     async def _store(self, chunk_hash: bytes, layers: list[torch.Tensor], size: int,
                      to_redis: bool) -> None:
         m = self.metrics
@@ -288,8 +305,8 @@ class KVTier:
             async with self._sem:
                 t0 = time.perf_counter()
                 loop = asyncio.get_running_loop()
-                value = await loop.run_in_executor(self._encoder, encode_value, self.spec,
-                                                   chunk_hash, layers)
+                value = await loop.run_in_executor(self._encoder, self._encode, chunk_hash,
+                                                   layers)
                 del layers  # the packed tensors may be device memory: let them go now
                 if self.host is not None:
                     if self.host.put(chunk_hash, value):

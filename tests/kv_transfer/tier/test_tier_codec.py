@@ -146,13 +146,16 @@ def test_encode_refuses_what_does_not_fit_the_spec():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_a_chunk_round_trips_between_gpu_caches_through_host_bytes():
+@pytest.mark.parametrize("pinned", [False, True], ids=["pageable", "pinned-staging"])
+def test_a_chunk_round_trips_between_gpu_caches_through_host_bytes(pinned: bool):
     spec = _spec("bfloat16")
     src = [kv.cuda() for kv in random_caches(spec.layout, num_blocks=40, seed=4)]
     dst = [kv.cuda() for kv in random_caches(spec.layout, num_blocks=40, seed=5)]
     src_ids, dst_ids = list(range(24, 40)), list(range(0, 32, 2))
     h = prompt_hashes(spec, 1, seed=4)[0]
-    value = encode_value(spec, h, pack_chunk(src, src_ids))
+    staging = torch.full((spec.payload_bytes + 64,), 7, dtype=torch.uint8,
+                         pin_memory=True) if pinned else None
+    value = encode_value(spec, h, pack_chunk(src, src_ids), staging)
     scatter_chunk(spec, dst, dst_ids, decode_value(spec, h, value))
     for s, d in zip(src, dst, strict=False):
         assert torch.equal(d[:, dst_ids], s[:, src_ids])
