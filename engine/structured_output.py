@@ -166,6 +166,7 @@ class MaskTimes:
     fill: float = 0.0  # llguidance computing mask rows (on the worker thread)
     waited: float = 0.0  # the engine thread blocked on a fill the forward did not hide
     advance: float = 0.0  # matchers consuming the sampled tokens (engine thread)
+    prefetched: int = 0  # steps whose masks a prefetch (at the last step's end) had begun
 
 
 class _Deferred:
@@ -323,6 +324,7 @@ class StructuredOutputs:
                    if s.params.structured_outputs is not None
                    and s.num_computed_tokens + n == s.num_tokens]
         if planned and self._last is not None and self._last.covers(planned):
+            self.times.prefetched += 1
             return self._last  # prefetched at the end of the last step
         return self._start(planned)
 

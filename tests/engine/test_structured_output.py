@@ -182,8 +182,9 @@ def test_a_matcher_rebuilt_from_the_generated_tokens_continues_identically(llm) 
 
 def test_masks_filled_inline_give_the_same_outputs_as_masks_filled_by_the_worker(
         tiny_model, make_prompts) -> None:
-    # GPU engines fill masks on the engine thread when sampling needs them (fill_inline),
-    # CPU engines on a worker thread during the forward: the tokens must not differ
+    # Engines fill masks on a worker thread, begun at the previous step's end (prefetch);
+    # fill_inline fills them on the engine thread when sampling needs them: the tokens
+    # must not differ
     prompts = make_prompts([6, 11], 2048, 4)
     params = [_params(_json(), seed=s, n=2) for s in (1, 2)]
     texts = {}
@@ -193,6 +194,9 @@ def test_masks_filled_inline_give_the_same_outputs_as_masks_filled_by_the_worker
         texts[inline] = _texts(llm.generate(prompts, params))
         if inline:
             assert llm.engine.structured._pool is None  # no worker was ever started
+            assert llm.engine.structured.times.prefetched == 0
+        else:  # the worker's masks were begun at the previous step's end, nearly every step
+            assert llm.engine.structured.times.prefetched >= 8
     assert texts[True] == texts[False]
     for text in texts[True]:
         jsonschema.validate(json.loads(text), SCHEMA)
