@@ -306,13 +306,15 @@ class StructuredOutputs:
         beyond: 32 rows of a JSON schema filled in 0.81 ms on one thread of an H200 host
         and in 1.04 / 1.74 ms on 4 / 25 (bench/grammar_fill.py), waking the pool costing
         more than it shares out."""
-        from llguidance import LLExecutor
-
         if rows <= SMALL_FILL_ROWS:
             if self._executor_one is None:
+                from llguidance import LLExecutor
+
                 self._executor_one = LLExecutor(1)
             return self._executor_one
         if self._executor is None:
+            from llguidance import LLExecutor
+
             self._executor = LLExecutor()
         return self._executor
 

@@ -198,16 +198,20 @@ def block_index(block_ids: Sequence[int], num_blocks: int, device: torch.device)
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
-def pack_layer(kv_layer: torch.Tensor, block_ids: Sequence[int]) -> torch.Tensor:
+def pack_layer(kv_layer: torch.Tensor, block_ids: Sequence[int] | torch.Tensor
+               ) -> torch.Tensor:
     """``kv_layer[:, block_ids]`` as a new contiguous tensor ``[2, n, block_size, Hk, D]``.
 
     The result is a fresh buffer on ``kv_layer``'s device, so a sender may queue it while
-    the cache keeps changing.
+    the cache keeps changing. ``block_ids`` may be a checked index tensor on that device
+    (``block_index``), as for ``scatter_layer``: one index for many layers, where each
+    built from a list would be a copy that waits for a GPU.
     """
     if kv_layer.ndim != 5 or kv_layer.shape[0] != 2:
         raise ValueError(f"kv_layer must be [2, num_blocks, block_size, Hk, D], got "
                          f"{tuple(kv_layer.shape)}")
-    idx = block_index(block_ids, kv_layer.shape[1], kv_layer.device)
+    idx = block_ids if isinstance(block_ids, torch.Tensor) else \
+        block_index(block_ids, kv_layer.shape[1], kv_layer.device)
     return kv_layer.index_select(1, idx)
 
 
