@@ -16,6 +16,7 @@
 #   prefill     the engine's prefill alone on the 8B model: first-token ms, kernels
 #   ttft        4k prompts one at a time through pdserve up (colocated, nccl), profiled
 #   fill        llguidance's mask fill of 32 rows by thread count (issue 14; host only)
+#   calls       issue 9: what one NCCL group costs on the host, blocking vs non-blocking
 # Results go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -87,6 +88,10 @@ for step in "${@:-transfer}"; do
         compgen -G "$OUT/ttft_$system/*.txt" > /dev/null && python3 bench/py_spy_summary.py \
           "$OUT/ttft_$system"/*.txt > "$OUT/ttft_$system/summary.txt" 2>&1
       done
+      ;;
+    calls)
+      python3 bench/nccl_calls.py --repeats 20 --json "$OUT/nccl_calls.json" 2>&1 \
+        | grep -v Warning | tee "$OUT/nccl_calls.txt"
       ;;
     fill)
       make_8b
