@@ -16,6 +16,7 @@
 #   prefill     the engine's prefill alone on the 8B model: first-token ms, kernels
 #   ttft        4k prompts one at a time through pdserve up (colocated, nccl), profiled
 #   fill        llguidance's mask fill of 32 rows by thread count (issue 14; host only)
+#   structured-profile  py-spy of the engine at batch 32 under a JSON schema (issue 14)
 #   calls       issue 9: what one NCCL group costs on the host, blocking vs non-blocking
 # Results go to $OUT.
 set -uo pipefail
@@ -88,6 +89,17 @@ for step in "${@:-transfer}"; do
         compgen -G "$OUT/ttft_$system/*.txt" > /dev/null && python3 bench/py_spy_summary.py \
           "$OUT/ttft_$system"/*.txt > "$OUT/ttft_$system/summary.txt" 2>&1
       done
+      ;;
+    structured-profile)
+      [ -f /tmp/m1b/config.json ] || python3 -m pdserve.cli make-model --arch llama \
+        --out /tmp/m1b --layers 16 --hidden 2048 --heads 32 --kv-heads 8 --intermediate 8192 \
+        --vocab 128256 --dtype bfloat16 --device cuda 2>&1 | tail -1
+      mkdir -p "$OUT/structured_profile"
+      py-spy record -r 500 -f raw --idle --threads -o "$OUT/structured_profile/engine.txt" -- \
+        python3 bench/structured_bench.py --model /tmp/m1b --device cuda --dtype bfloat16 \
+        --batches 32 --max-tokens 256 --repeat 1 2>&1 | tail -4 | tee "$OUT/structured_profile/bench.txt"
+      python3 bench/py_spy_summary.py "$OUT/structured_profile/engine.txt" \
+        > "$OUT/structured_profile/summary.txt" 2>&1
       ;;
     calls)
       python3 bench/nccl_calls.py --repeats 20 --json "$OUT/nccl_calls.json" 2>&1 \
