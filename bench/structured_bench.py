@@ -17,6 +17,7 @@ what that overlap does not hide. Runs on the CPU or on CUDA:
 from __future__ import annotations
 
 import argparse
+import collections
 import random
 import statistics
 import sys
@@ -42,8 +43,70 @@ SCHEMA = {"type": "object",
           "required": ["records"], "additionalProperties": False}
 
 
-def _run(engine: LLMEngine, batch: int, max_tokens: int, constrained: bool, tag: str
-         ) -> tuple[float, int, int]:
+class Phases:
+    """Host milliseconds per engine phase (``--phases``): wrappers on the engine's own
+    methods, so what the step does between them shows as the rest; ``forward`` is the GPU
+    time of the launched forward (CUDA events around ``execute``)."""
+
+    NAMES = ("schedule", "begin", "launch", "mask wait", "sample", "advance", "prefetch",
+             "collect")
+
+    def __init__(self, engine: LLMEngine) -> None:
+        import engine.llm_engine as llm_engine
+
+        self.seconds: dict[str, float] = collections.defaultdict(float)
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.on_gpu = engine.runner.device.type == "cuda"
+        engine.scheduler.schedule = self._timed(  # type: ignore[method-assign]
+            "schedule", engine.scheduler.schedule)
+        engine.structured.begin = self._timed(  # type: ignore[method-assign]
+            "begin", engine.structured.begin)
+        engine.structured.prefetch = self._timed(  # type: ignore[method-assign]
+            "prefetch", engine.structured.prefetch)
+        engine.collect_outputs = self._timed(  # type: ignore[method-assign]
+            "collect", engine.collect_outputs)
+        engine.runner.execute = self._timed(  # type: ignore[method-assign]
+            "launch", engine.runner.execute, gpu=True)
+        llm_engine.sample_rows = self._timed("sample", llm_engine.sample_rows)
+
+    def mark(self) -> tuple[dict[str, float], int]:
+        return dict(self.seconds), len(self.events)
+
+    def drop_since(self, mark: tuple[dict[str, float], int]) -> None:
+        """Forget what a step that is not timed (a prefill step) added."""
+        self.seconds = collections.defaultdict(float, mark[0])
+        del self.events[mark[1]:]
+
+    def _timed(self, name: str, fn: collections.abc.Callable, gpu: bool = False
+               ) -> collections.abc.Callable:
+        def wrapped(*args: object, **kwargs: object) -> object:
+            t0 = time.perf_counter()
+            if gpu and self.on_gpu:
+                start, end = torch.cuda.Event(enable_timing=True), \
+                    torch.cuda.Event(enable_timing=True)
+                start.record()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if gpu and self.on_gpu:
+                    end.record()
+                    self.events.append((start, end))
+                self.seconds[name] += time.perf_counter() - t0
+        return wrapped
+
+    def take(self, steps: int) -> dict[str, float]:
+        """ms per step since the last take, and reset."""
+        if self.on_gpu:
+            torch.cuda.synchronize()
+            self.seconds["forward (GPU)"] = sum(a.elapsed_time(b) for a, b in self.events) / 1e3
+        out = {k: 1e3 * v / max(steps, 1) for k, v in self.seconds.items()}
+        self.seconds.clear()
+        self.events.clear()
+        return out
+
+
+def _run(engine: LLMEngine, batch: int, max_tokens: int, constrained: bool, tag: str,
+         phases: Phases | None = None) -> tuple[float, int, int]:
     """Decode ``batch`` requests; returns (seconds in pure decode steps, tokens they made,
     steps)."""
     rng = random.Random(batch)
@@ -59,9 +122,12 @@ def _run(engine: LLMEngine, batch: int, max_tokens: int, constrained: bool, tag:
             and not engine.scheduler.waiting and len(engine.scheduler.running) == batch
         if engine.runner.device.type == "cuda":
             torch.cuda.synchronize()
+        mark = phases.mark() if phases is not None else None
         start = time.perf_counter()
         outputs = engine.step()
         elapsed = time.perf_counter() - start
+        if phases is not None and mark is not None and not decoding:
+            phases.drop_since(mark)
         if decoding:
             seconds += elapsed
             steps += 1
@@ -82,6 +148,8 @@ def main() -> None:
                     help="comma-separated: worker (a worker thread, prefetched at each step's "
                     "end: the engine's default), inline (the engine thread, when sampling "
                     "needs them)")
+    ap.add_argument("--phases", action="store_true",
+                    help="also print host ms per engine phase and the forward's GPU ms")
     args = ap.parse_args()
     engine = LLMEngine(args.model, EngineArgs(device=args.device, dtype=args.dtype,
                                               num_kv_blocks=4096, max_num_seqs=256,
@@ -97,6 +165,8 @@ def main() -> None:
           "| engine waited ms/step | advance ms/step |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     times = engine.structured.times
+    phases = Phases(engine) if args.phases else None
+    breakdown: list[tuple[str, int, str, dict[str, float]]] = []
     for fill, batch in ((f, int(b)) for f in args.fill.split(",")
                         for b in args.batches.split(",")):
         engine.structured.fill_inline = fill == "inline"
@@ -107,8 +177,17 @@ def main() -> None:
         for r in range(args.repeat):
             for constrained in (False, True):
                 before = (times.fill, times.waited, times.advance)
+                if phases is not None:
+                    phases.take(1)
                 seconds, tokens, steps = _run(engine, batch, args.max_tokens, constrained,
-                                              f"b{batch}-{r}-{constrained}")
+                                              f"b{batch}-{r}-{constrained}", phases)
+                if phases is not None:
+                    waited = (times.waited - before[1]) if constrained else 0.0
+                    advance = (times.advance - before[2]) if constrained else 0.0
+                    breakdown.append((fill, batch, "JSON" if constrained else "free", {
+                        **phases.take(steps), "whole step": 1e3 * seconds / max(steps, 1),
+                        "mask wait": 1e3 * waited / max(steps, 1),
+                        "advance": 1e3 * advance / max(steps, 1)}))
                 rates[constrained].append(tokens / seconds)
                 step_ms[constrained].append(1e3 * seconds / max(steps, 1))
                 if constrained:  # (includes the few prefill steps: an upper bound)
@@ -121,6 +200,17 @@ def main() -> None:
               f"| {statistics.median(step_ms[False]):.2f} / "
               f"{statistics.median(step_ms[True]):.2f} "
               f"| {per[0]:.2f} | {per[1]:.2f} | {per[2]:.2f} |", flush=True)
+    if breakdown:
+        names = ["whole step", *Phases.NAMES] + (["forward (GPU)"] if phases and
+                                                 phases.on_gpu else [])
+        print("\nhost ms per decode step by phase (forward (GPU): the launched forward's "
+              "device time)")
+        print("| masks filled | batch | run | " + " | ".join(names) + " |")
+        print("| --- " * (len(names) + 3) + "|")
+        for fill, batch, run, ms in breakdown:
+            print(f"| {fill} | {batch} | {run} | "
+                  + " | ".join(f"{ms.get(n, 0.0):.3f}" for n in names) + " |", flush=True)
+        print(f"steps whose masks a prefetch had begun: {times.prefetched}")
 
 
 if __name__ == "__main__":
