@@ -45,8 +45,9 @@ SCHEMA = {"type": "object",
 
 class Phases:
     """Host milliseconds per engine phase (``--phases``): wrappers on the engine's own
-    methods, so what the step does between them shows as the rest; ``forward`` is the GPU
-    time of the launched forward (CUDA events around ``execute``)."""
+    methods, so what the step does between them shows as the rest; ``forward (GPU)`` is the
+    device time of the launched forward and ``sample (GPU)`` the device time from where the
+    sampler's work joins the stream to its tokens (CUDA events)."""
 
     NAMES = ("schedule", "begin", "launch", "mask wait", "sample", "advance", "prefetch",
              "collect")
@@ -55,7 +56,7 @@ class Phases:
         import engine.llm_engine as llm_engine
 
         self.seconds: dict[str, float] = collections.defaultdict(float)
-        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
         self.on_gpu = engine.runner.device.type == "cuda"
         engine.scheduler.schedule = self._timed(  # type: ignore[method-assign]
             "schedule", engine.scheduler.schedule)
@@ -67,7 +68,7 @@ class Phases:
             "collect", engine.collect_outputs)
         engine.runner.execute = self._timed(  # type: ignore[method-assign]
             "launch", engine.runner.execute, gpu=True)
-        llm_engine.sample_rows = self._timed("sample", llm_engine.sample_rows)
+        llm_engine.sample_rows = self._timed("sample", llm_engine.sample_rows, gpu=True)
 
     def mark(self) -> tuple[dict[str, float], int]:
         return dict(self.seconds), len(self.events)
@@ -90,7 +91,7 @@ class Phases:
             finally:
                 if gpu and self.on_gpu:
                     end.record()
-                    self.events.append((start, end))
+                    self.events.append((name, start, end))
                 self.seconds[name] += time.perf_counter() - t0
         return wrapped
 
@@ -98,7 +99,9 @@ class Phases:
         """ms per step since the last take, and reset."""
         if self.on_gpu:
             torch.cuda.synchronize()
-            self.seconds["forward (GPU)"] = sum(a.elapsed_time(b) for a, b in self.events) / 1e3
+            for name, a, b in self.events:
+                self.seconds[f"{'forward' if name == 'launch' else name} (GPU)"] += \
+                    a.elapsed_time(b) / 1e3
         out = {k: 1e3 * v / max(steps, 1) for k, v in self.seconds.items()}
         self.seconds.clear()
         self.events.clear()
@@ -148,6 +151,9 @@ def main() -> None:
                     help="comma-separated: worker (a worker thread, prefetched at each step's "
                     "end: the engine's default), inline (the engine thread, when sampling "
                     "needs them)")
+    ap.add_argument("--torch-profile", type=Path, default=None,
+                    help="write torch.profiler's kernel table of one free and one JSON run "
+                    "at the largest batch here")
     ap.add_argument("--phases", action="store_true",
                     help="also print host ms per engine phase and the forward's GPU ms")
     args = ap.parse_args()
@@ -201,8 +207,8 @@ def main() -> None:
               f"{statistics.median(step_ms[True]):.2f} "
               f"| {per[0]:.2f} | {per[1]:.2f} | {per[2]:.2f} |", flush=True)
     if breakdown:
-        names = ["whole step", *Phases.NAMES] + (["forward (GPU)"] if phases and
-                                                 phases.on_gpu else [])
+        names = ["whole step", *Phases.NAMES] + (["forward (GPU)", "sample (GPU)"]
+                                                 if phases and phases.on_gpu else [])
         print("\nhost ms per decode step by phase (forward (GPU): the launched forward's "
               "device time)")
         print("| masks filled | batch | run | " + " | ".join(names) + " |")
@@ -211,6 +217,25 @@ def main() -> None:
             print(f"| {fill} | {batch} | {run} | "
                   + " | ".join(f"{ms.get(n, 0.0):.3f}" for n in names) + " |", flush=True)
         print(f"steps whose masks a prefetch had begun: {times.prefetched}")
+    if args.torch_profile is not None:
+        _profile(engine, max(int(b) for b in args.batches.split(",")), args.max_tokens,
+                 args.torch_profile)
+
+
+def _profile(engine: LLMEngine, batch: int, max_tokens: int, path: Path) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if engine.runner.device.type == "cuda" else [])
+    tables = []
+    for constrained in (False, True):
+        with profile(activities=activities) as prof:
+            _run(engine, batch, max_tokens, constrained, f"profile-{constrained}")
+        key = "cuda_time_total" if len(activities) > 1 else "cpu_time_total"
+        tables.append(f"== {'JSON schema' if constrained else 'unconstrained'}, batch "
+                      f"{batch}, {max_tokens} tokens\n"
+                      + prof.key_averages().table(sort_by=key, row_limit=40))
+    path.write_text("\n\n".join(tables))
 
 
 if __name__ == "__main__":
