@@ -42,6 +42,7 @@ for step in "${@:-transfer}"; do
         --vocab 128256 --dtype bfloat16 --device cuda 2>&1 | tail -1
       python3 bench/structured_bench.py --model /tmp/m1b --device cuda --dtype bfloat16 \
         --batches 1,32 --max-tokens 128 --repeat 2 --fill "${FILL:-worker,inline}" --phases \
+        --fill-threads "${FILL_THREADS:-1}" \
         --torch-profile "$OUT/structured_kernels.txt" 2>&1 \
         | tee "$OUT/structured_gpu.txt"
       ;;
@@ -108,8 +109,10 @@ for step in "${@:-transfer}"; do
         | grep -v Warning | tee "$OUT/nccl_calls.txt"
       ;;
     fill)
-      make_8b
-      python3 bench/grammar_fill.py --model "$M8B" --threads 1,4,16,0 2>&1 \
+      [ -f /tmp/m1b/config.json ] || python3 -m pdserve.cli make-model --arch llama \
+        --out /tmp/m1b --layers 16 --hidden 2048 --heads 32 --kv-heads 8 --intermediate 8192 \
+        --vocab 128256 --dtype bfloat16 --device cuda 2>&1 | tail -1
+      python3 bench/grammar_fill.py --model /tmp/m1b --threads 1,2,3,4,0 --split 2,3 2>&1 \
         | tee "$OUT/grammar_fill.txt"
       ;;
     *) echo "unknown step $step"; exit 2 ;;

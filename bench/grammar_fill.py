@@ -31,10 +31,17 @@ from engine.structured_output import GrammarCompiler, tokenizer_factory_for
 from engine.structured_spec import StructuredOutputSpec
 
 
-def fill_ms(template: object, vocab: int, rows: int, threads: int, steps: int) -> float:
+def fill_ms(template: object, vocab: int, rows: int, threads: int, steps: int,
+            split: int = 1) -> float:
+    """``split`` > 1: that many Python threads, each with a one-thread executor of its
+    own, fill a share of the rows each (``threads`` is then ignored)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from llguidance import LLExecutor
 
     executor = LLExecutor(threads) if threads else LLExecutor()
+    own = [LLExecutor(1) for _ in range(split)]
+    pool = ThreadPoolExecutor(max_workers=split) if split > 1 else None
     rng = random.Random(1)
     matchers = [template.deep_copy() for _ in range(rows)]  # type: ignore[attr-defined]
     words = (vocab + 31) // 32
@@ -43,7 +50,14 @@ def fill_ms(template: object, vocab: int, rows: int, threads: int, steps: int) -
     for step in range(steps + 10):
         pairs = [(m, i) for i, m in enumerate(matchers)]
         t0 = time.perf_counter()
-        executor.unsafe_compute_mask_ptr(pairs, out.data_ptr(), words * 4, rows)
+        if pool is None:
+            executor.unsafe_compute_mask_ptr(pairs, out.data_ptr(), words * 4, rows)
+        else:
+            shares = [pairs[k::split] for k in range(split)]
+            jobs = [pool.submit(own[k].unsafe_compute_mask_ptr, share, out.data_ptr(),
+                                words * 4, rows) for k, share in enumerate(shares)]
+            for job in jobs:
+                job.result()
         if step >= 10:
             times.append(time.perf_counter() - t0)
         bits = out.numpy().view(np.uint8)
@@ -58,6 +72,8 @@ def main() -> None:
     ap.add_argument("--model", default="models/default")
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--threads", default="1,2,4,8,16,0", help="0: llguidance's default")
+    ap.add_argument("--split", default="",
+                    help="also: N Python threads with a one-thread executor each, e.g. 2,3")
     ap.add_argument("--steps", type=int, default=60)
     args = ap.parse_args()
     config = json.loads((Path(args.model) / "config.json").read_text())
@@ -72,6 +88,10 @@ def main() -> None:
     for threads in (int(t) for t in args.threads.split(",")):
         ms = fill_ms(template, vocab, args.rows, threads, args.steps)
         print(f"| {threads or 'default'} | {ms:.3f} | {1e3 * ms / args.rows:.1f} |", flush=True)
+    for split in (int(n) for n in args.split.split(",") if n):
+        ms = fill_ms(template, vocab, args.rows, 1, args.steps, split)
+        print(f"| {split} Python threads x 1 | {ms:.3f} | {1e3 * ms / args.rows:.1f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -154,6 +154,8 @@ def main() -> None:
     ap.add_argument("--torch-profile", type=Path, default=None,
                     help="write torch.profiler's kernel table of one free and one JSON run "
                     "at the largest batch here")
+    ap.add_argument("--fill-threads", default="1",
+                    help="comma-separated llguidance thread counts for fills of up to 32 rows")
     ap.add_argument("--phases", action="store_true",
                     help="also print host ms per engine phase and the forward's GPU ms")
     args = ap.parse_args()
@@ -173,9 +175,14 @@ def main() -> None:
     times = engine.structured.times
     phases = Phases(engine) if args.phases else None
     breakdown: list[tuple[str, int, str, dict[str, float]]] = []
-    for fill, batch in ((f, int(b)) for f in args.fill.split(",")
+    for fill, batch in ((f"{f}/{t}" if "," in args.fill_threads else f, int(b))
+                        for f in args.fill.split(",") for t in args.fill_threads.split(",")
                         for b in args.batches.split(",")):
-        engine.structured.fill_inline = fill == "inline"
+        engine.structured.fill_inline = fill.startswith("inline")
+        threads = int(fill.partition("/")[2] or args.fill_threads)
+        if threads != engine.structured.small_fill_threads:
+            engine.structured.small_fill_threads = threads
+            engine.structured._executor_one = None  # made again with that many threads
         rates: dict[bool, list[float]] = {False: [], True: []}
         step_ms: dict[bool, list[float]] = {False: [], True: []}
         spent = [0.0, 0.0, 0.0]  # fill, waited, advance over the constrained runs

@@ -266,7 +266,8 @@ class StructuredOutputs:
         self.fill_inline = fill_inline
         self._pool: ThreadPoolExecutor | None = None
         self._executor: Any = None  # llguidance.LLExecutor, made on first use
-        self._executor_one: Any = None  # the same with one thread (small fills)
+        self._executor_one: Any = None  # the same with few threads (small fills)
+        self.small_fill_threads = 1  # its thread count (bench/structured_bench.py varies it)
         self._last: StepMasks | None = None
         self._buffers: list[torch.Tensor] = []  # two host row buffers, used in turn
         self.times = MaskTimes()
@@ -313,7 +314,7 @@ class StructuredOutputs:
             if self._executor_one is None:
                 from llguidance import LLExecutor
 
-                self._executor_one = LLExecutor(1)
+                self._executor_one = LLExecutor(self.small_fill_threads)
             return self._executor_one
         if self._executor is None:
             from llguidance import LLExecutor
