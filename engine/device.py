@@ -1,5 +1,5 @@
-"""What the machine offers the engine: the dtype ``auto`` picks and the CPU threads a pod
-takes.
+"""What the machine offers the engine: the dtype ``auto`` picks, the CPU threads a pod
+takes, and how host values reach the device.
 
 ``auto`` follows vLLM: bf16 where the hardware computes it natively (a CUDA card that
 supports it; a CPU with AVX512-BF16 or AMX-BF16, read from /proc/cpuinfo), fp16 on older
@@ -83,3 +83,18 @@ def set_cpu_threads(threads: int | None) -> int:
         with contextlib.suppress(RuntimeError):
             torch.set_num_interop_threads(1)
     return torch.get_num_threads()
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` on ``device`` without making the host wait for the GPU.
+
+    A copy from pageable memory to a GPU first waits for everything queued on the stream
+    (CUDA's documented behaviour), so the sampler's small per-row tensors used to hold the
+    engine thread until the forward had finished, and the sampler's own launches then ran
+    after it with the GPU idle. Through pinned memory the copy is queued like a kernel
+    (torch's caching host allocator keeps the pinned block until the copy is done)."""
+    if device.type != "cuda":
+        return host.to(device)
+    if not host.is_pinned():
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)

@@ -323,10 +323,6 @@ class LLMEngine:
                                               plp.capture if plp is not None else None)
         if self.after_launch is not None:
             self.after_launch()
-        if masks is not None:
-            # now, while a GPU still runs the forward: the sampler's first index copy to
-            # the device would wait for the forward to finish
-            masks.wait()
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=False):
             seq.num_computed_tokens += n
             self.scheduler.register_full_blocks(seq)

@@ -29,6 +29,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from engine.device import to_device
 from engine.errors import PdserveError
 from engine.sampling_params import SAMPLING_EPS
 from engine.sequence import Sequence, TokenLogprob
@@ -129,7 +130,7 @@ class _Rows:
 
 
 def _device_list(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    return to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def _flat_positions(rows: list[int], lists: list[list[int]], vocab: int
@@ -146,7 +147,7 @@ def _flat_positions(rows: list[int], lists: list[list[int]], vocab: int
 
 
 def _to(array: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(array).to(device=device, dtype=dtype, non_blocking=True)
+    return to_device(torch.from_numpy(array).to(dtype), device)
 
 
 def apply_penalties(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: Seq[int]) -> None:
@@ -304,7 +305,7 @@ def _draw(logits: torch.Tensor, rows: _Rows, greedy: torch.Tensor) -> torch.Tens
                                     np.asarray(rows.top_p, dtype=np.float32),
                                     np.asarray(rows.min_p, dtype=np.float32),
                                     rows.uniform]), dtype=torch.float32)
-    floats = floats.to(dev, non_blocking=True)
+    floats = to_device(floats, dev)
     temperature, top_p, min_p, uniform = floats[0], floats[1], floats[2], floats[3]
     is_greedy = temperature == 0.0
     scaled = logits / torch.where(is_greedy, 1.0, temperature).unsqueeze(1)
@@ -372,11 +373,13 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: Seq[int],
     want = [s.params.logprobs for s in seqs]
     raw_logprobs = (torch.log_softmax(logits, dim=-1)
                     if any(k is not None for k in want) else None)
-    bitmask = masks.bitmask(seqs, logits.device) if masks is not None else None
     nan_rows = torch.isnan(logits).any(dim=-1)  # read with the tokens: no extra sync
     # in place: the raw logits were read above if logprobs need them
     if rows.any_penalty:
         apply_penalties(logits, seqs, eos_ids)
+    # The grammar masks are waited for only now, with the work that does not need them
+    # already queued behind the forward (their fill runs on a worker meanwhile).
+    bitmask = masks.bitmask(seqs, logits.device) if masks is not None else None
     if bitmask is not None and not rows.any_min_tokens:
         apply_bitmask(logits, _open_empty_rows(bitmask, vocab))
     elif rows.any_min_tokens or bitmask is not None:
@@ -407,7 +410,7 @@ def sample_rows(logits: torch.Tensor, rows: list[int], seqs: Seq[Sequence], eos_
     """``sample`` of ``logits[rows]`` (``logits`` itself is left as it is); if the batch
     raises, each row alone -- a row is drawn the same either way -- with the exception in
     place of a row that still fails, so that one bad row fails one request."""
-    picked = logits.index_select(0, torch.tensor(rows, device=logits.device))
+    picked = logits.index_select(0, _device_list(rows, torch.int64, logits.device))
     try:
         return list(sample(picked, seqs, eos_ids, masks))
     except Exception:

@@ -206,16 +206,22 @@ class StepMasks:
     filled: torch.Tensor  # [rows, words] int32, host
     job: Future | _Deferred
     lengths: dict[int, int]  # seq_id -> its num_tokens when the fill began
+    timed_out: bool = False
 
     def covers(self, seqs: Seq[Sequence]) -> bool:
         """Whether these rows are the masks of ``seqs`` as they stand now."""
         return all(self.lengths.get(s.seq_id) == s.num_tokens for s in seqs)
 
     def wait(self) -> None:
+        """Until the rows are filled; raises what the fill raised (a timeout once: the
+        sampler's retry of each row alone must not wait for it again)."""
+        if self.timed_out:
+            raise RuntimeError(f"grammar masks took longer than {MASK_TIMEOUT_S} s")
         t0 = time.perf_counter()
         try:
             self.job.result(timeout=MASK_TIMEOUT_S)
         except FutureTimeout:
+            self.timed_out = True
             raise RuntimeError(f"grammar masks took longer than {MASK_TIMEOUT_S} s") from None
         finally:
             self.owner.times.waited += time.perf_counter() - t0
