@@ -77,6 +77,7 @@ for step in "${@:-transfer}"; do
       make_8b
       python3 bench/gpu_disagg.py --model "$M8B" --device cuda --connector "${CONNECTOR:-nccl}" \
         --rates "${RATES:-1.5,3,5}" --num-requests "${REQUESTS:-40}" --warmup 16 \
+        --systems "${SYSTEMS:-colocated,disaggregated}" --pod-args "${POD_ARGS:-}" \
         --prefill-pod-args "${PREFILL_POD_ARGS:-}" --out "$OUT/disagg" 2>&1 \
         | tee "$OUT/disagg.txt"
       ;;
