@@ -24,13 +24,6 @@ log = logging.getLogger(__name__)
 IN_PROGRESS = 7  # ncclInProgress
 SENDER_RANK, RECEIVER_RANK = 0, 1
 LAYERS_PER_GROUP = 8  # layers whose K and V sends (or receives) go in one NCCL group
-# KV streams run at high priority: the forward's kernels fill every SM back to back, and a
-# transfer kernel at normal priority waits for whichever free up.
-KV_STREAM_PRIORITY = -1
-
-
-def kv_stream(device: torch.device) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device, priority=KV_STREAM_PRIORITY)
 
 
 def nccl_missing(device: str) -> str | None:
@@ -67,7 +60,7 @@ class Link:
         self.peer = RECEIVER_RANK if rank == SENDER_RANK else SENDER_RANK
         self.device = device
         self.timeout_s = timeout_s
-        self.stream = kv_stream(device)
+        self.stream = torch.cuda.Stream(device)
         self._lock = threading.Lock()
         self._aborted = False
         self.error = ""

@@ -31,7 +31,6 @@ from kv_transfer.backends.nccl.link import (
     LAYERS_PER_GROUP,
     RECEIVER_RANK,
     Link,
-    kv_stream,
     new_unique_id,
 )
 from kv_transfer.backends.nccl.protocol import (
@@ -174,7 +173,7 @@ class NcclReceiver(KVReceiver):
 
     def _serve(self, link: Link, key: bytes) -> None:
         torch.cuda.set_device(link.device)  # this thread's NCCL calls and allocations
-        scatter = kv_stream(link.device)
+        scatter = torch.cuda.Stream(link.device)
         landing: list[_Landing] = []
         control: Control | None = None
         try:

@@ -26,7 +26,7 @@ import torch
 from engine.errors import KVTransferError, LayoutMismatchError, UnknownPeerError
 from engine.kv_layout import KVMemory
 from kv_transfer.backends.nccl.control import Control, connect
-from kv_transfer.backends.nccl.link import LAYERS_PER_GROUP, SENDER_RANK, Link, kv_stream
+from kv_transfer.backends.nccl.link import LAYERS_PER_GROUP, SENDER_RANK, Link
 from kv_transfer.backends.nccl.protocol import (
     ABORT,
     DATA,
@@ -205,7 +205,7 @@ class NcclSender(KVSender):
         sent: list[_Sent] = []
         waiting: list[_Job] = []  # queued, in order; they go out once written
         torch.cuda.set_device(link.device)  # this thread's NCCL calls and allocations
-        gather = kv_stream(link.device)
+        gather = torch.cuda.Stream(link.device)
         try:
             link.wait_ready()
             sl.control.send(Header(HELLO, "hello"))  # the link's NCCL connection, made now
