@@ -200,3 +200,58 @@ def test_masks_filled_inline_give_the_same_outputs_as_masks_filled_by_the_worker
     assert texts[True] == texts[False]
     for text in texts[True]:
         jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_a_fill_that_never_ends_fails_the_step_once_not_once_per_row(monkeypatch) -> None:
+    # The sampler retries a failed batch one row at a time; a fill past its timeout must
+    # then fail each row at once instead of waiting the timeout again per row
+    import time
+    from concurrent.futures import Future
+
+    import torch
+
+    from engine import structured_output as so
+
+    monkeypatch.setattr(so, "MASK_TIMEOUT_S", 0.2)
+    owner = so.StructuredOutputs(GrammarCompiler(lambda: None))
+    masks = so.StepMasks(owner, {}, {}, torch.zeros((1, 1), dtype=torch.int32), Future(), {})
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="longer than"):
+        masks.wait()
+    first = time.monotonic() - t0
+    t0 = time.monotonic()
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="longer than"):
+            masks.wait()
+    assert first >= 0.2 and time.monotonic() - t0 < 0.05
+    assert owner.times.waited >= 0.2
+
+
+def test_a_fill_starts_before_its_step_goes_on(tiny_model, make_prompts, monkeypatch
+                                              ) -> None:
+    # Starting a fill hands the GIL to the mask worker until llguidance has it: by the time
+    # _start returns, the fill must be under way or done, not waiting for the engine
+    # thread's next blocking call (the hand-off's bound raised so a loaded machine's
+    # scheduling cannot fail the test)
+    from engine import structured_output as so
+
+    monkeypatch.setattr(so, "HANDOFF_TIMEOUT_S", 5.0)
+    llm = LLM(tiny_model)
+    structured = llm.engine.structured
+    llm.generate(make_prompts([5], 2048, 1), [_params(_json(), seed=3)])  # compiles, warms
+    llm.engine.add_request("r", make_prompts([7], 2048, 1)[0], _params(_json(), seed=4))
+    while not llm.engine.scheduler.running or \
+            llm.engine.scheduler.running[0].num_output_tokens == 0:
+        llm.engine.step()
+    seq = llm.engine.scheduler.running[0]
+    started = []
+    real = structured._timed_fill
+
+    def spy(*args, **kwargs):
+        started.append(True)
+        return real(*args, **kwargs)
+
+    structured._timed_fill = spy  # type: ignore[method-assign]
+    masks = structured._start([seq])
+    assert masks is not None and started == [True]  # no busy loop ran in between
+    masks.wait()
