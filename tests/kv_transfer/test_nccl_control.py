@@ -1,5 +1,6 @@
 """The nccl backend's host side, which runs without a GPU: its handshake and header bytes,
-and the control connection that announces each batch (real sockets on 127.0.0.1)."""
+the control connection that announces each batch (real sockets on 127.0.0.1), and the
+link threads' slow-post log."""
 
 from __future__ import annotations
 
@@ -88,3 +89,39 @@ def test_a_sender_that_never_connects_times_out() -> None:
         listener.close()
     with pytest.raises(KVTransferError, match="cannot reach"):
         connect(listener.address, key, timeout=1.0)
+
+
+def test_a_slow_post_is_logged_by_part_and_a_quick_one_is_not(caplog) -> None:
+    import logging
+
+    from kv_transfer.backends.nccl.link import SLOW_POST_S, PostTimer
+
+    caplog.set_level(logging.WARNING, logger="kv_transfer.backends.nccl.link")
+    quick = PostTimer()
+    quick.mark("header")
+    quick.report("posting a quick batch")
+    slow = PostTimer()
+    slow.mark("header")
+    time.sleep(SLOW_POST_S * 1.5)
+    slow.mark("send")
+    slow.report("posting a slow batch")
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "posting a slow batch" in messages[0]
+    assert "send " in messages[0] and "header " in messages[0]
+
+
+def test_a_link_thread_kept_away_from_pending_events_is_logged(caplog) -> None:
+    import logging
+    from types import SimpleNamespace
+
+    from kv_transfer.backends.nccl.link import SLOW_POST_S, PostTimer
+
+    caplog.set_level(logging.WARNING, logger="kv_transfer.backends.nccl.link")
+    link = SimpleNamespace(looked_at=time.monotonic())
+    PostTimer.away(link, 3)  # just looked: nothing to say
+    link.looked_at -= 2 * SLOW_POST_S
+    PostTimer.away(link, 0)  # away, but nothing was pending
+    link.looked_at -= 2 * SLOW_POST_S
+    PostTimer.away(link, 3)
+    assert [r.getMessage().split(" after ")[0] for r in caplog.records] == [
+        "the link's thread looked at its 3 pending events"]

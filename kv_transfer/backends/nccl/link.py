@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -24,6 +25,42 @@ log = logging.getLogger(__name__)
 IN_PROGRESS = 7  # ncclInProgress
 SENDER_RANK, RECEIVER_RANK = 0, 1
 LAYERS_PER_GROUP = 8  # layers whose K and V sends (or receives) go in one NCCL group
+SLOW_POST_S = 0.02  # a post that holds its link's thread longer is logged, by part
+
+
+@dataclass(slots=True)
+class PostTimer:
+    """Host time of one post on a link's thread, by part, logged when the whole is slow:
+    under load on two H200s a transfer's completion was seen a whole prefill step late
+    (bench/RESULTS.md, 2026-12-01), and this says which call held the thread."""
+
+    parts: dict[str, float] = field(default_factory=dict)
+    _last: float = field(default_factory=time.perf_counter)
+    _first: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._first = self._last
+
+    def mark(self, part: str) -> None:
+        t = time.perf_counter()
+        self.parts[part] = self.parts.get(part, 0.0) + t - self._last
+        self._last = t
+
+    @staticmethod
+    def away(link: Link, pending: int) -> None:
+        """At each look at a link's events: log if its thread was kept away from them
+        past SLOW_POST_S while some were pending (their completion is seen that late)."""
+        t = time.monotonic()
+        if pending and t - link.looked_at > SLOW_POST_S:
+            log.warning("the link's thread looked at its %d pending events after %.1f ms",
+                        pending, 1e3 * (t - link.looked_at))
+        link.looked_at = t
+
+    def report(self, what: str) -> None:
+        total = self._last - self._first
+        if total > SLOW_POST_S:
+            log.warning("%s held the link's thread %.1f ms: %s", what, 1e3 * total,
+                        ", ".join(f"{k} {1e3 * v:.1f}" for k, v in self.parts.items()))
 
 
 def nccl_missing(device: str) -> str | None:
@@ -65,6 +102,7 @@ class Link:
         self._aborted = False
         self.error = ""
         self.progress_at = time.monotonic()  # when data last moved (the owner sets it)
+        self.looked_at = time.monotonic()  # when the owner last checked its events
         with torch.cuda.device(device):
             self.comm = nccl.Communicator.init(
                 2, rank, nccl.UniqueId.from_bytes(unique_id),

@@ -31,6 +31,7 @@ from kv_transfer.backends.nccl.link import (
     LAYERS_PER_GROUP,
     RECEIVER_RANK,
     Link,
+    PostTimer,
     new_unique_id,
 )
 from kv_transfer.backends.nccl.protocol import (
@@ -234,11 +235,13 @@ class NcclReceiver(KVReceiver):
                     incoming.posted.update(wanted)
         half = n * self._layer_bytes // 2
         layers = list(range(head.layer, head.layer + head.num_layers))
+        timer = PostTimer()
         for first in range(0, len(layers), LAYERS_PER_GROUP):
             chunk = layers[first:first + LAYERS_PER_GROUP]
             while sum(x.packed_bytes for x in landing) > _PACKED_BUDGET:
                 landing[:] = self._reap(link, landing)
                 time.sleep(0.0002)
+            timer.mark("budget")
             start = incoming.run_start if incoming is not None else None
             targets: list[torch.Tensor] = []
             packs: dict[int, torch.Tensor] = {}
@@ -251,7 +254,9 @@ class NcclReceiver(KVReceiver):
                     packs[layer] = torch.empty(2 * half, dtype=torch.uint8,
                                                device=cache.device)
                 targets += [packs[layer][:half], packs[layer][half:]]
+            timer.mark("allocate")
             link.recv(*(t.view(torch.uint8).view(-1) for t in targets))  # one group
+            timer.mark("recv")
             received = torch.cuda.Event()
             received.record(link.stream)
             for layer in chunk:
@@ -272,12 +277,16 @@ class NcclReceiver(KVReceiver):
                 landing.append(_Landing(head.transfer_id, layer, done, time.monotonic(),
                                         buffers, 2 * half if packed is not None else 0,
                                         incoming))
+            timer.mark("scatter")
+        timer.report(f"posting layers {head.layer}..{layers[-1]} of {head.transfer_id!r} "
+                     f"({n} blocks)")
         if problem:
             self._end(head.transfer_id, f"transfer {head.transfer_id!r} rejected: {problem}")
 
     def _reap(self, link: Link, landing: list[_Landing]) -> list[_Landing]:
         """Count landed layers in; past the timeout with layers posted and none landing
         (a sender gone quiet mid-transfer), end the link."""
+        PostTimer.away(link, len(landing))
         still: list[_Landing] = []
         finished: list[_Incoming] = []
         t = time.monotonic()

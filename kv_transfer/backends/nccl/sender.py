@@ -26,7 +26,7 @@ import torch
 from engine.errors import KVTransferError, LayoutMismatchError, UnknownPeerError
 from engine.kv_layout import KVMemory
 from kv_transfer.backends.nccl.control import Control, connect
-from kv_transfer.backends.nccl.link import LAYERS_PER_GROUP, SENDER_RANK, Link
+from kv_transfer.backends.nccl.link import LAYERS_PER_GROUP, SENDER_RANK, Link, PostTimer
 from kv_transfer.backends.nccl.protocol import (
     ABORT,
     DATA,
@@ -268,16 +268,20 @@ class NcclSender(KVSender):
             return
         n = len(batch[0].block_ids)
         handle.last_ready = now()  # every layer of the batch is written
+        timer = PostTimer()
         sl.control.send(Header(DATA, handle.transfer_id, batch[0].layer, len(batch), n))
+        timer.mark("header")
         start = one_run(batch[0].block_ids)  # a batch shares its blocks (_batches)
         if start is None:
             with torch.cuda.stream(gather):
                 idx = torch.tensor(batch[0].block_ids, dtype=torch.long).to(
                     self.memory.device, non_blocking=True)
+            timer.mark("index")
         for chunk in _chunks(batch):
             while sum(s.packed_bytes for s in sent) > _PACKED_BUDGET:
                 sent[:] = self._reap(link, sent)
                 time.sleep(0.0002)
+            timer.mark("budget")
             parts: list[torch.Tensor] = []
             keep: list[torch.Tensor] = []
             packed_bytes = 0
@@ -298,18 +302,23 @@ class NcclSender(KVSender):
                 parts += [packed[0], packed[1]]
                 keep += [packed, idx]
                 packed_bytes += packed.numel() * packed.element_size()
+            timer.mark("gather")
             # One group per chunk: each NCCL call costs a launch round trip, per chunk
             # instead of per layer; chunks still let the receiver scatter one while the
             # next is on the wire.
             link.send(*(p.view(torch.uint8).view(-1) for p in parts))
+            timer.mark("send")
             done = torch.cuda.Event()
             done.record(link.stream)
             sent.append(_Sent(handle, done, time.monotonic(), tuple(keep), packed_bytes,
                               len(chunk)))
+        timer.report(f"posting layers {batch[0].layer}..{batch[-1].layer} of "
+                     f"{handle.transfer_id!r} ({n} blocks)")
 
     def _reap(self, link: Link, sent: list[_Sent]) -> list[_Sent]:
         """Settle sent layers; past the timeout with sends pending and none finishing
         (a receiver gone quiet), end the link."""
+        PostTimer.away(link, len(sent))
         still = []
         t = time.monotonic()
         for s in sent:
