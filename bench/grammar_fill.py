@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from structured_bench import SCHEMA
 
-from engine.structured_output import GrammarCompiler, tokenizer_factory_for
+from engine.grammar import GrammarCompiler, tokenizer_factory_for
 from engine.structured_spec import StructuredOutputSpec
 
 

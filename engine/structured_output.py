@@ -1,10 +1,10 @@
-"""Grammar-constrained decoding: compiled grammars, one matcher per sequence, token bitmasks.
+"""Grammar-constrained decoding: one matcher per sequence and the per-step token bitmasks.
 
 Built on llguidance (Microsoft's grammar engine, also a vLLM backend): a spec compiles
-once into a *template* matcher (cached, LRU, bounded in time), and every constrained
-sequence owns a copy of it advanced by its output tokens (``Sequence.guide``). The matcher
-is made lazily from the tokens a sequence already has, which is what keeps constrained
-output exact wherever a token was sampled:
+once into a *template* matcher (engine.grammar: cached, LRU, bounded in time), and every
+constrained sequence owns a copy of it advanced by its output tokens (``Sequence.guide``).
+The matcher is made lazily from the tokens a sequence already has, which is what keeps
+constrained output exact wherever a token was sampled:
 - a prefill pod compiles the grammar and masks the first token like any engine;
 - a decode pod's sequence receives that first token through ``LLMEngine._append``; its
   matcher is then built and advanced by it, so the second token is masked from the state
@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,80 +40,16 @@ from typing import Any
 
 import torch
 
-from engine.errors import InvalidRequestError
+from engine.grammar import COMPILE_TIMEOUT_S, GrammarCompiler, first_line, tokenizer_factory_for
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
-from engine.structured_spec import StructuredOutputSpec
 
 log = logging.getLogger(__name__)
 
-COMPILE_TIMEOUT_S = 10.0
 MASK_TIMEOUT_S = 60.0
-CACHE_ENTRIES = 256
 SMALL_FILL_ROWS = 32  # fills of at most this many rows run on one mask thread (measured at 32)
 # How long the engine thread waits for the mask worker to get going (GIL hand-off below).
 HANDOFF_TIMEOUT_S = 0.005
-
-
-class GrammarCompiler:
-    """Spec -> template matcher in its initial state, cached (LRU) and bounded in time.
-
-    Compiles run on a worker thread so that a pathological grammar costs at most
-    ``timeout_s`` of the caller's time; llguidance's own parser limits (lexer fuel,
-    grammar size) bound the work itself. Thread-safe (the router validates from threads).
-    """
-
-    def __init__(self, tokenizer_factory: Callable[[], Any], timeout_s: float = COMPILE_TIMEOUT_S,
-                 max_entries: int = CACHE_ENTRIES) -> None:
-        self._factory = tokenizer_factory
-        self._tokenizer: Any = None
-        self.timeout_s = timeout_s
-        self.max_entries = max_entries
-        self._cache: OrderedDict[StructuredOutputSpec, Any] = OrderedDict()
-        self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
-        self.compiles = 0  # cache misses that compiled (for tests and metrics)
-
-    @property
-    def tokenizer(self) -> Any:
-        with self._lock:
-            if self._tokenizer is None:
-                self._tokenizer = self._factory()
-            return self._tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.tokenizer.vocab_size)
-
-    def compile(self, spec: StructuredOutputSpec) -> Any:
-        """The template matcher of ``spec``; InvalidRequestError (a 400) when it is invalid
-        or does not compile in time. Never advance the template: deep_copy it."""
-        with self._lock:
-            hit = self._cache.get(spec)
-            if hit is not None:
-                self._cache.move_to_end(spec)
-                return hit
-        grammar = spec.grammar_text()
-        tokenizer = self.tokenizer
-        future = self._pool.submit(_build_matcher, tokenizer, grammar)
-        try:
-            matcher = future.result(timeout=self.timeout_s)
-        except FutureTimeout:
-            raise InvalidRequestError(
-                f"the {spec.kind.value} took longer than {self.timeout_s:g} s to compile; "
-                "simplify it", param="structured_outputs") from None
-        if matcher.is_error():
-            raise InvalidRequestError(f"invalid {_what(spec)}: {_first_line(matcher.get_error())}",
-                                      param="structured_outputs")
-        with self._lock:
-            self.compiles += 1
-            self._cache[spec] = matcher
-            while len(self._cache) > self.max_entries:
-                self._cache.popitem(last=False)
-        return matcher
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _fill(executor: Any, pairs: list[tuple[Any, int]], out: torch.Tensor) -> None:
@@ -123,42 +58,6 @@ def _fill(executor: Any, pairs: list[tuple[Any, int]], out: torch.Tensor) -> Non
     importing it sets up torch.compile, which costs seconds.)"""
     assert out.dtype == torch.int32 and out.is_contiguous() and out.device.type == "cpu"
     executor.unsafe_compute_mask_ptr(pairs, out.data_ptr(), out.shape[1] * 4, out.shape[0])
-
-
-def _build_matcher(tokenizer: Any, grammar: str) -> Any:
-    from llguidance import LLMatcher
-
-    return LLMatcher(tokenizer, grammar, log_level=0)
-
-
-def _what(spec: StructuredOutputSpec) -> str:
-    return {"json": "JSON schema", "json_object": "JSON object spec", "regex": "regex",
-            "choice": "choice", "grammar": "grammar"}[spec.kind.value]
-
-
-def _first_line(message: str) -> str:
-    lines = [line for line in message.strip().splitlines() if line.strip()]
-    return " ".join(lines[:4])[:500] if lines else "it does not compile"
-
-
-def llguidance_tokenizer(hf_tokenizer: Any, vocab_size: int, eos_ids: Seq[int]) -> Any:
-    """An llguidance tokenizer over a fast HF tokenizer whose masks cover the model's whole
-    vocabulary (padding rows of the LM head included: they are never allowed)."""
-    from llguidance.hf import from_tokenizer
-
-    n_vocab = max(vocab_size, len(hf_tokenizer))
-    return from_tokenizer(hf_tokenizer, n_vocab=n_vocab,
-                          eos_token=list(eos_ids) or None)
-
-
-def tokenizer_factory_for(model_dir: str | Path, vocab_size: int, eos_ids: Seq[int]
-                          ) -> Callable[[], Any]:
-    def make() -> Any:
-        from engine.tokenizer import load_tokenizer
-
-        return llguidance_tokenizer(load_tokenizer(model_dir), vocab_size, eos_ids)
-
-    return make
 
 
 @dataclass(slots=True)
@@ -424,7 +323,7 @@ class StructuredOutputs:
             guide.consume_token(token)
         if guide.is_error():
             log.warning("request %s sequence %d left its grammar: %s", seq.request_id,
-                        seq.index, _first_line(guide.get_error()))
+                        seq.index, first_line(guide.get_error()))
             return True
         return bool(guide.is_stopped())
 

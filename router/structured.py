@@ -17,7 +17,7 @@ import json
 from typing import Any
 
 from engine.errors import InvalidRequestError
-from engine.structured_output import GrammarCompiler, llguidance_tokenizer
+from engine.grammar import GrammarCompiler, llguidance_tokenizer
 from engine.structured_spec import GuideKind, StructuredOutputSpec
 from router.errors import invalid
 

@@ -17,7 +17,7 @@ import pytest
 
 from engine import LLM, SamplingParams
 from engine.errors import InvalidRequestError
-from engine.structured_output import GrammarCompiler
+from engine.grammar import GrammarCompiler
 from engine.structured_spec import GuideKind, StructuredOutputSpec
 
 SCHEMA = {
