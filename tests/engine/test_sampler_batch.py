@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from engine.sampler import apply_bitmask, counter_uniforms, sample
+from engine.logits_processors import apply_bitmask
+from engine.sampler import counter_uniforms, sample
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 

@@ -19,7 +19,7 @@ import torch
 from hf_reference import hf_logits
 
 from engine import LLM, SamplingParams
-from engine.sampler import apply_penalties
+from engine.logits_processors import apply_penalties
 from engine.sequence import Sequence
 
 VOCAB = 2048
