@@ -41,7 +41,7 @@ for step in "${@:-transfer}"; do
         --out /tmp/m1b --layers 16 --hidden 2048 --heads 32 --kv-heads 8 --intermediate 8192 \
         --vocab 128256 --dtype bfloat16 --device cuda 2>&1 | tail -1
       python3 bench/structured_bench.py --model /tmp/m1b --device cuda --dtype bfloat16 \
-        --batches 1,32 --max-tokens 128 --repeat 2 --fill "${FILL:-worker,inline}" --phases \
+        --batches 1,32 --max-tokens 128 --repeat 2 --fill "${FILL:-worker,after-launch}" --phases \
         --fill-threads "${FILL_THREADS:-1}" \
         --torch-profile "$OUT/structured_kernels.txt" 2>&1 \
         | tee "$OUT/structured_gpu.txt"

@@ -149,8 +149,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--fill", default="worker",
                     help="comma-separated: worker (a worker thread, prefetched at each step's "
-                    "end: the engine's default), inline (the engine thread, when sampling "
-                    "needs them)")
+                    "end: the engine's default), after-launch (a worker thread, begun just "
+                    "after the forward's launch, no prefetch), inline (the engine thread, "
+                    "when sampling needs them)")
     ap.add_argument("--torch-profile", type=Path, default=None,
                     help="write torch.profiler's kernel table of one free and one JSON run "
                     "at the largest batch here")
@@ -179,6 +180,7 @@ def main() -> None:
                         for f in args.fill.split(",") for t in args.fill_threads.split(",")
                         for b in args.batches.split(",")):
         engine.structured.fill_inline = fill.startswith("inline")
+        engine.structured.fill_after_launch = fill.startswith("after-launch")
         threads = int(fill.partition("/")[2] or args.fill_threads)
         if threads != engine.structured.small_fill_threads:
             engine.structured.small_fill_threads = threads

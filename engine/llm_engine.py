@@ -314,13 +314,16 @@ class LLMEngine:
                             ) -> None:
         """Raises only before any sequence advanced (the forward); after it, a row's error
         fails that row's request."""
-        masks = self.structured.begin(batch.seqs, batch.num_new_tokens)  # fills during forward
+        early = not self.structured.fill_after_launch
+        masks = self.structured.begin(batch.seqs, batch.num_new_tokens) if early else None
         plp = prompt_logprobs.plan(batch.seqs, batch.num_new_tokens, self.runner.model.logits)
         if self.tier is not None:
             for seq in batch.seqs:
                 self.tier.note_scheduled(seq)
         logits, row_seq = self.runner.execute(batch, self._kv_hook(batch, announced),
                                               plp.capture if plp is not None else None)
+        if not early:  # the fill starts under the forward just launched
+            masks = self.structured.begin(batch.seqs, batch.num_new_tokens)
         if self.after_launch is not None:
             self.after_launch()
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=False):

@@ -180,25 +180,31 @@ def test_a_matcher_rebuilt_from_the_generated_tokens_continues_identically(llm) 
     assert [tokens[0], tokens[1]] == reference
 
 
-def test_masks_filled_inline_give_the_same_outputs_as_masks_filled_by_the_worker(
+def test_masks_filled_inline_or_after_launch_give_the_worker_s_outputs(
         tiny_model, make_prompts) -> None:
     # Engines fill masks on a worker thread, begun at the previous step's end (prefetch);
-    # fill_inline fills them on the engine thread when sampling needs them: the tokens
+    # fill_inline fills them on the engine thread when sampling needs them, and
+    # fill_after_launch begins them on the worker once the forward is launched: the tokens
     # must not differ
     prompts = make_prompts([6, 11], 2048, 4)
     params = [_params(_json(), seed=s, n=2) for s in (1, 2)]
     texts = {}
-    for inline in (False, True):
+    for mode in ("worker", "inline", "after_launch"):
         llm = LLM(tiny_model)
-        llm.engine.structured.fill_inline = inline
-        texts[inline] = _texts(llm.generate(prompts, params))
-        if inline:
-            assert llm.engine.structured._pool is None  # no worker was ever started
-            assert llm.engine.structured.times.prefetched == 0
-        else:  # the worker's masks were begun at the previous step's end, nearly every step
-            assert llm.engine.structured.times.prefetched >= 8
-    assert texts[True] == texts[False]
-    for text in texts[True]:
+        structured = llm.engine.structured
+        structured.fill_inline = mode == "inline"
+        structured.fill_after_launch = mode == "after_launch"
+        texts[mode] = _texts(llm.generate(prompts, params))
+        if mode == "inline":
+            assert structured._pool is None  # no worker was ever started
+        if mode == "worker":  # begun at the previous step's end, nearly every step
+            assert structured.times.prefetched >= 8
+        else:
+            assert structured.times.prefetched == 0
+        if mode == "after_launch":
+            assert structured._pool is not None and structured.times.fill > 0
+    assert texts["inline"] == texts["worker"] == texts["after_launch"]
+    for text in texts["worker"]:
         jsonschema.validate(json.loads(text), SCHEMA)
 
 
