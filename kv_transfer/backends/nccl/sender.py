@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from engine.device import to_device
 from engine.errors import KVTransferError, LayoutMismatchError, UnknownPeerError
 from engine.kv_layout import KVMemory
 from kv_transfer.backends.nccl.control import Control, connect
@@ -273,9 +274,9 @@ class NcclSender(KVSender):
         timer.mark("header")
         start = one_run(batch[0].block_ids)  # a batch shares its blocks (_batches)
         if start is None:
-            with torch.cuda.stream(gather):
-                idx = torch.tensor(batch[0].block_ids, dtype=torch.long).to(
-                    self.memory.device, non_blocking=True)
+            with torch.cuda.stream(gather):  # pinned: a pageable copy waits for the stream
+                idx = to_device(torch.tensor(batch[0].block_ids, dtype=torch.long),
+                                self.memory.device)
             timer.mark("index")
         for chunk in _chunks(batch):
             while sum(s.packed_bytes for s in sent) > _PACKED_BUDGET:
