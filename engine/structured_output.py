@@ -115,16 +115,16 @@ class StepMasks:
     def wait(self) -> None:
         """Until the rows are filled; raises what the fill raised (a timeout once: the
         sampler's retry of each row alone must not wait for it again)."""
+        if not self.timed_out:
+            t0 = time.perf_counter()
+            try:
+                self.job.result(timeout=MASK_TIMEOUT_S)
+            except FutureTimeout:
+                self.timed_out = True
+            finally:
+                self.owner.times.waited += time.perf_counter() - t0
         if self.timed_out:
             raise RuntimeError(f"grammar masks took longer than {MASK_TIMEOUT_S} s")
-        t0 = time.perf_counter()
-        try:
-            self.job.result(timeout=MASK_TIMEOUT_S)
-        except FutureTimeout:
-            self.timed_out = True
-            raise RuntimeError(f"grammar masks took longer than {MASK_TIMEOUT_S} s") from None
-        finally:
-            self.owner.times.waited += time.perf_counter() - t0
 
     def bitmask(self, seqs: Seq[Sequence], device: torch.device) -> torch.Tensor | None:
         self.wait()

@@ -114,14 +114,15 @@ def test_a_link_thread_kept_away_from_pending_events_is_logged(caplog) -> None:
     import logging
     from types import SimpleNamespace
 
-    from kv_transfer.backends.nccl.link import SLOW_POST_S, PostTimer
+    from kv_transfer.backends.nccl.link import SLOW_POST_S, Link
 
     caplog.set_level(logging.WARNING, logger="kv_transfer.backends.nccl.link")
+    # Link.look needs only its clock; a real Link needs a GPU and a communicator
     link = SimpleNamespace(looked_at=time.monotonic())
-    PostTimer.away(link, 3)  # just looked: nothing to say
+    Link.look(link, 3)  # just looked: nothing to say
     link.looked_at -= 2 * SLOW_POST_S
-    PostTimer.away(link, 0)  # away, but nothing was pending
+    Link.look(link, 0)  # away, but nothing was pending
     link.looked_at -= 2 * SLOW_POST_S
-    PostTimer.away(link, 3)
+    Link.look(link, 3)
     assert [r.getMessage().split(" after ")[0] for r in caplog.records] == [
         "the link's thread looked at its 3 pending events"]

@@ -46,16 +46,6 @@ class PostTimer:
         self.parts[part] = self.parts.get(part, 0.0) + t - self._last
         self._last = t
 
-    @staticmethod
-    def away(link: Link, pending: int) -> None:
-        """At each look at a link's events: log if its thread was kept away from them
-        past SLOW_POST_S while some were pending (their completion is seen that late)."""
-        t = time.monotonic()
-        if pending and t - link.looked_at > SLOW_POST_S:
-            log.warning("the link's thread looked at its %d pending events after %.1f ms",
-                        pending, 1e3 * (t - link.looked_at))
-        link.looked_at = t
-
     def report(self, what: str) -> None:
         total = self._last - self._first
         if total > SLOW_POST_S:
@@ -108,6 +98,15 @@ class Link:
                 2, rank, nccl.UniqueId.from_bytes(unique_id),
                 config=nccl.NCCLConfig(blocking=False))
         self._ready = False
+
+    def look(self, pending: int) -> None:
+        """The owner's thread is looking at its events now: log if it was kept away from
+        them past SLOW_POST_S while some were pending (their completion is seen that late)."""
+        t = time.monotonic()
+        if pending and t - self.looked_at > SLOW_POST_S:
+            log.warning("the link's thread looked at its %d pending events after %.1f ms",
+                        pending, 1e3 * (t - self.looked_at))
+        self.looked_at = t
 
     def wait_ready(self) -> None:
         """Poll the non-blocking init until it is done (both ranks joined)."""

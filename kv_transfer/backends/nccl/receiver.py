@@ -286,7 +286,7 @@ class NcclReceiver(KVReceiver):
     def _reap(self, link: Link, landing: list[_Landing]) -> list[_Landing]:
         """Count landed layers in; past the timeout with layers posted and none landing
         (a sender gone quiet mid-transfer), end the link."""
-        PostTimer.away(link, len(landing))
+        link.look(len(landing))
         still: list[_Landing] = []
         finished: list[_Incoming] = []
         t = time.monotonic()

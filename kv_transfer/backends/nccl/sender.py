@@ -319,7 +319,7 @@ class NcclSender(KVSender):
     def _reap(self, link: Link, sent: list[_Sent]) -> list[_Sent]:
         """Settle sent layers; past the timeout with sends pending and none finishing
         (a receiver gone quiet), end the link."""
-        PostTimer.away(link, len(sent))
+        link.look(len(sent))
         still = []
         t = time.monotonic()
         for s in sent:
