@@ -101,8 +101,15 @@ async def _drain_scenario(stack: Stack) -> None:
 
     killed_at = time.monotonic()
     os.kill(pids[victim], signal.SIGTERM)
-    # New work right away, before the router's next poll can have seen NOT_SERVING: the
-    # draining pod refuses what lands there and the router retries on the other one.
+    # The pod handles the signal on its event loop, which a loaded machine may reach only
+    # after requests sent at once had landed there (and were served, rightly, as work that
+    # came before the drain): wait for the pod to say it drains -- from then on it refuses
+    # new work -- and send the new work right away, before the router's next poll can
+    # have seen NOT_SERVING: the draining pod refuses what lands there and the router
+    # retries on the other one.
+    while "draining: " not in stack.log_tail(1 << 20):
+        assert time.monotonic() - killed_at < DRAIN_TIMEOUT_S, "the pod never began to drain"
+        await asyncio.sleep(0.005)
     client = stack.async_client()
     new = await asyncio.gather(*(client.completions.create(
         model=stack.model, prompt=f"x = {i}\n", max_tokens=8, temperature=0,
