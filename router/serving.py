@@ -118,6 +118,9 @@ class Generation:
     _sent_at: float | None = None  # the first Generate call went out
     # seconds per phase: the pods' (from the first response), then the router's
     phases: dict[str, float] = field(default_factory=dict)
+    # where each prompt went ("decode<-prefill" addresses, "local" when the decode pod
+    # prefilled it): the access log says so, to tell one pod's trouble from another's
+    routes: list[str] = field(default_factory=list)
     tracing: Tracing | None = None
     _span: NullSpan = NO_SPAN
 
@@ -171,11 +174,13 @@ class Generation:
         phases = {**self.phases, **mine}
         shown = [p for p in PHASE_ORDER if p in phases] + sorted(set(phases) - set(PHASE_ORDER))
         access_log.info(
-            "%s %s prompt_tokens=%d completion_tokens=%d cached_tokens=%d finish=%s %s",
+            "%s %s prompt_tokens=%d completion_tokens=%d cached_tokens=%d finish=%s %s "
+            "pods=%s",
             self.job.request_id, outcome, self.usage.prompt_tokens,
             self.usage.completion_tokens, self.usage.cached_tokens,
             ",".join(self.finish_reasons) or "-",
-            " ".join(f"{p}_ms={phases[p] * 1e3:.2f}" for p in shown))
+            " ".join(f"{p}_ms={phases[p] * 1e3:.2f}" for p in shown),
+            ",".join(self.routes) or "-")
 
     async def _merged(self) -> AsyncIterator[Event]:
         """Run every prompt's stream concurrently; yield their events as they come."""
@@ -245,6 +250,7 @@ class Generation:
                 self.pools.release(lease)
                 raise APIError(502, f"decode pod {pod.address} ended the stream without output",
                                "upstream_error")
+            self.routes.append(f"{pod.address}<-{prefill.address if prefill else 'local'}")
             return call, lease, cast(pb.GenerateResponse, first)
 
     async def _prompt_events(self, index: int) -> AsyncIterator[Event]:

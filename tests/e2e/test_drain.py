@@ -34,6 +34,8 @@ NEW_REQUESTS = 4
 # land while the generations run, and well within the drain timeout.
 MAX_TOKENS = 1900
 POD_LINE = re.compile(r"pdserve up: (decode-\d+) \(pid (\d+)\) on (\S+)")
+ACCESS_LINE = re.compile(
+    r" access \S+ ok prompt_tokens=\d+ completion_tokens=(\d+) .* pods=([^<\s]+)<-")
 
 
 async def _long_request(stack: Stack, i: int) -> tuple[int, str | None]:
@@ -52,6 +54,15 @@ def _decode_pids(stack: Stack) -> dict[str, int]:
 
 def _ok_count(stack: Stack, pod: dict) -> float:
     return stack.pod_metric(pod, "pdserve:requests_total", 'outcome="ok",role="decode"')
+
+
+def _served_on(log: str) -> dict[int, list[str]]:
+    """completion tokens -> the decode pod of each request that ended with that many, from
+    the router's access log (``pods=DECODE<-PREFILL``)."""
+    served: dict[int, list[str]] = {}
+    for tokens, pod in ACCESS_LINE.findall(log):
+        served.setdefault(int(tokens), []).append(pod)
+    return served
 
 
 def _running(stack: Stack, pod: dict) -> int:
@@ -97,7 +108,6 @@ async def _drain_scenario(stack: Stack) -> None:
         await asyncio.sleep(0.02)
     victim = max(running, key=lambda a: running[a])
     (other,) = [a for a in pods if a != victim]
-    other_ok_before = await asyncio.to_thread(_ok_count, stack, pods[other])
 
     killed_at = time.monotonic()
     os.kill(pids[victim], signal.SIGTERM)
@@ -132,18 +142,16 @@ async def _drain_scenario(stack: Stack) -> None:
     assert counts and counts[0] >= 1, log[-3000:]  # it had work to finish, and did
     assert "drain cut short" not in log
 
-    # The other pod served its own streams and every new request; the router saw the
-    # victim say NOT_SERVING (or go away) and uses it no more.
-    # (A pod counts a request once its call has ended, a moment after the client has the
-    # last token: the count is read until it is there.)
-    deadline = time.monotonic() + 10
-    while True:
-        other_ok_after = await asyncio.to_thread(_ok_count, stack, pods[other])
-        if other_ok_after - other_ok_before >= running[other] + NEW_REQUESTS \
-                or time.monotonic() > deadline:
-            break
+    # The other pod served its own streams and every new request (the router's access log
+    # names the decode pod of each); the router saw the victim say NOT_SERVING (or go away)
+    # and uses it no more.
+    deadline = time.monotonic() + 10  # the router writes a line as a request ends
+    while len((served := _served_on(stack.log_tail(1 << 20))).get(MAX_TOKENS, [])) < STREAMS \
+            and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
-    assert other_ok_after - other_ok_before == running[other] + NEW_REQUESTS
+    assert sorted(served[MAX_TOKENS]) == sorted(
+        [victim] * running[victim] + [other] * running[other]), (running, stack.log_tail(6000))
+    assert served[8] == [other] * NEW_REQUESTS, (victim, other, stack.log_tail(6000))
     view = {p["address"]: p for p in await asyncio.to_thread(stack.decode_pods)}
     assert not view[victim]["healthy"] and view[other]["healthy"]
     more = await client.completions.create(model=stack.model, prompt="y", max_tokens=4)

@@ -57,6 +57,8 @@ def test_one_request_has_every_phase_in_histograms_and_access_log(stack: Stack) 
         time.sleep(0.1)
     assert line is not None, stack.log_tail()
     assert " ok prompt_tokens=45 completion_tokens=6 " in line
+    # and the pods it went to: this stack's decode pod, with its prefill pod
+    assert re.search(r" pods=127\.0\.0\.1:\d+<-127\.0\.0\.1:\d+$", line), line
     fields = dict(re.findall(r"([a-z0-9_]+)_ms=([0-9.]+)", line))
     assert set(fields) >= ROUTER_PHASES | DECODE_PHASES | PREFILL_PHASES, line
     # phases nest: the prefill pod's work lies inside the decode pod's remote prefill
