@@ -8,14 +8,14 @@ HELLO header and a 128-byte NCCL message, so the link's lazy connection is made 
 ends are waiting for it (not when the first request comes, possibly long after). Then, for
 each batch of consecutive layers of one transfer whose compute has finished, it sends a
 128-byte header (which transfer, the first layer and how many, how many blocks; or an
-abort) followed, per layer, by exactly two NCCL messages: the layer's K blocks and its V
-blocks, each ``n * block bytes``.
-Each end decides alone how it meets those messages -- straight from or into its blocks when
-they are one run of consecutive ids, through a packed buffer otherwise -- so a fresh pool
-moves with no copy at all and both ranks always agree on the order and size of operations,
-whatever the requests' interleaving. The receiver reads a header before it posts the
-receives it announces (into scratch, for a transfer it no longer wants), so no receive is
-ever pending on its GPU for bytes that are not on their way.
+abort) followed, per group of up to ``LAYERS_PER_GROUP`` of those layers (link.py), by
+exactly one NCCL message: the group's blocks packed layer-major, K before V, in the order
+the request names them (packing.py; version 3 sent two messages per layer, and each NCCL
+message has a fixed cost). Each end packs or unpacks from its own blocks, so both ranks
+always agree on the order and size of operations, whatever the requests' interleaving.
+The receiver reads a header before it posts the receives it announces (into a buffer it
+drops, for a transfer it no longer wants), so no receive is ever pending on its GPU for
+bytes that are not on their way.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ _HELLO = struct.Struct("<4sHB1x128s32s64s64s32s")
 # magic, version, kind, first layer, layers, blocks, tid
 _HEADER = struct.Struct("<4sHHIII64s44x")
 HEADER_BYTES = _HEADER.size
-VERSION = 3
+VERSION = 4
 DATA, ABORT, HELLO = 1, 2, 3
 ROLE_RECEIVER, ROLE_SENDER = 1, 2
 

@@ -2,10 +2,10 @@
 
 Each prefill pod that introduces itself gets a link (rank 1 here), whose control connection
 it opens to this end's listener, and a thread serving it: read a batch header from the
-control connection, post the receives it announces -- straight into the reserved blocks
-when they are one run, else into a packed buffer scattered into the blocks on a second
-stream (so one layer's scatter overlaps the next one's receive), or into scratch for a
-transfer that is over -- and count each layer in once its event fires. Nothing waits on the
+control connection, post the receives it announces -- one per group of layers, into a
+packed buffer unpacked into the reserved blocks on a second stream (packing.py; so one
+group's unpacking overlaps the next one's receive), or dropped for a transfer that is over
+-- and count each layer in once its event fires. Nothing waits on the
 host between layers. A cancelled transfer fails at once, but its blocks are released
 (``PendingTransfer.mark_quiet``) only once the layers already posted for it have landed
 or the link has been aborted: until then NCCL may still write into them.
@@ -34,6 +34,7 @@ from kv_transfer.backends.nccl.link import (
     PostTimer,
     new_unique_id,
 )
+from kv_transfer.backends.nccl.packing import packed_shape, unpack
 from kv_transfer.backends.nccl.protocol import (
     ABORT,
     DATA,
@@ -233,7 +234,6 @@ class NcclReceiver(KVReceiver):
                     incoming = None
                 else:
                     incoming.posted.update(wanted)
-        half = n * self._layer_bytes // 2
         layers = list(range(head.layer, head.layer + head.num_layers))
         timer = PostTimer()
         for first in range(0, len(layers), LAYERS_PER_GROUP):
@@ -242,41 +242,36 @@ class NcclReceiver(KVReceiver):
                 landing[:] = self._reap(link, landing)
                 time.sleep(0.0002)
             timer.mark("budget")
-            start = incoming.run_start if incoming is not None else None
-            targets: list[torch.Tensor] = []
-            packs: dict[int, torch.Tensor] = {}
-            for layer in chunk:
-                cache = self.memory.layers[layer]
-                if start is not None:  # one run: K and V land in place
-                    targets += [cache[0, start:start + n], cache[1, start:start + n]]
-                    continue
-                with torch.cuda.stream(link.stream):
-                    packs[layer] = torch.empty(2 * half, dtype=torch.uint8,
-                                               device=cache.device)
-                targets += [packs[layer][:half], packs[layer][half:]]
+            # One message per chunk (packing.py): into one buffer, unpacked into the
+            # reserved blocks on the scatter stream -- or dropped, for a transfer that is
+            # over (still received: the sender's message is on its way).
+            caches = [self.memory.layers[layer] for layer in chunk]
+            with torch.cuda.stream(link.stream):
+                packed = torch.empty(packed_shape(caches[0], len(chunk), n),
+                                     dtype=caches[0].dtype, device=caches[0].device)
             timer.mark("allocate")
-            link.recv(*(t.view(torch.uint8).view(-1) for t in targets))  # one group
+            link.recv(packed.view(torch.uint8).view(-1))
             timer.mark("recv")
-            received = torch.cuda.Event()
-            received.record(link.stream)
-            for layer in chunk:
-                done = received
-                packed = packs.get(layer)
-                if incoming is not None and packed is not None:
-                    done = torch.cuda.Event()
-                    with torch.cuda.stream(scatter):
-                        scatter.wait_event(received)
-                        shaped = packed.view(layout.torch_dtype).view(layout.layer_shape(n))
-                        self.memory.layers[layer].index_copy_(1, incoming.index, shaped)
-                        done.record(scatter)
-                if incoming is not None:
-                    incoming.last = done  # the last posted lands last (the scatter stream
-                    # waits on the receive stream, which runs the chunks in order)
-                buffers = (packed, incoming.index) if packed is not None and incoming \
-                    else ((packed,) if packed is not None else ())
+            done = torch.cuda.Event()
+            done.record(link.stream)
+            buffers: tuple[torch.Tensor, ...] = (packed,)
+            if incoming is not None:
+                landed = torch.cuda.Event()
+                with torch.cuda.stream(scatter):
+                    scatter.wait_event(done)
+                    unpack(packed, caches, incoming.index, incoming.run_start)
+                    landed.record(scatter)
+                done = landed
+                buffers = (packed, incoming.index)
+                incoming.last = done  # the last posted lands last (the scatter stream
+                # waits on the receive stream, which runs the chunks in order)
+            # one landing per layer (a transfer counts its layers in), the chunk's bytes
+            # on its first
+            for i, layer in enumerate(chunk):
                 landing.append(_Landing(head.transfer_id, layer, done, time.monotonic(),
-                                        buffers, 2 * half if packed is not None else 0,
-                                        incoming))
+                                        buffers,
+                                        packed.numel() * packed.element_size() if i == 0
+                                        else 0, incoming))
             timer.mark("scatter")
         timer.report(f"posting layers {head.layer}..{layers[-1]} of {head.transfer_id!r} "
                      f"({n} blocks)")

@@ -1,11 +1,11 @@
 """The prefill side of the ``nccl`` backend: per decode pod, a link (rank 0 here) with its
 control connection, and one thread that sends what the forward queued, in order, as each
 layer's compute finishes: a header (on the control connection) for each batch of
-consecutive written layers of one transfer, then each layer's K and V on NCCL
-(protocol.py). Layers wait for their ready event on the host, not on the GPU, so the
-receiver never has receives pending for bytes not yet computed. Blocks that are one run go straight
-from the cache; others are first gathered into a packed buffer on a second stream, so the
-gather of one layer overlaps the send of the one before. One thread per link keeps the
+consecutive written layers of one transfer, then one NCCL message per group of up to
+``LAYERS_PER_GROUP`` of them (protocol.py). Layers wait for their ready event on the host,
+not on the GPU, so the receiver never has receives pending for bytes not yet computed. A
+group's blocks are packed into one buffer (packing.py) on a second stream, so the packing
+of one group overlaps the send of the one before. One thread per link keeps the
 order of operations the same on both ranks whatever the requests' interleaving, and a dead
 peer stalls only its own link, which is aborted once a send has been pending past the
 timeout.
@@ -28,6 +28,7 @@ from engine.errors import KVTransferError, LayoutMismatchError, UnknownPeerError
 from engine.kv_layout import KVMemory
 from kv_transfer.backends.nccl.control import Control, connect
 from kv_transfer.backends.nccl.link import LAYERS_PER_GROUP, SENDER_RANK, Link, PostTimer
+from kv_transfer.backends.nccl.packing import pack, packed_shape
 from kv_transfer.backends.nccl.protocol import (
     ABORT,
     DATA,
@@ -273,6 +274,7 @@ class NcclSender(KVSender):
         sl.control.send(Header(DATA, handle.transfer_id, batch[0].layer, len(batch), n))
         timer.mark("header")
         start = one_run(batch[0].block_ids)  # a batch shares its blocks (_batches)
+        idx = None
         if start is None:
             with torch.cuda.stream(gather):  # pinned: a pageable copy waits for the stream
                 idx = to_device(torch.tensor(batch[0].block_ids, dtype=torch.long),
@@ -283,36 +285,27 @@ class NcclSender(KVSender):
                 sent[:] = self._reap(link, sent)
                 time.sleep(0.0002)
             timer.mark("budget")
-            parts: list[torch.Tensor] = []
-            keep: list[torch.Tensor] = []
-            packed_bytes = 0
-            for job in chunk:
-                cache = self.memory.layers[job.layer]
-                if start is not None:  # one run: K and V go straight from the cache
-                    parts += [cache[0, start:start + n], cache[1, start:start + n]]
-                    if job.ready is not None:  # written already; this orders the streams
-                        link.stream.wait_event(job.ready)
-                    continue
-                with torch.cuda.stream(gather):
+            # The chunk's layers packed into one buffer on the gather stream (once each
+            # layer's compute is done), sent as one message (packing.py says why).
+            caches = [self.memory.layers[job.layer] for job in chunk]
+            with torch.cuda.stream(gather):
+                for job in chunk:
                     if job.ready is not None:
                         gather.wait_event(job.ready)
-                    packed = cache.index_select(1, idx)
-                    gathered = torch.cuda.Event()
-                    gathered.record(gather)
-                link.stream.wait_event(gathered)
-                parts += [packed[0], packed[1]]
-                keep += [packed, idx]
-                packed_bytes += packed.numel() * packed.element_size()
+                packed = torch.empty(packed_shape(caches[0], len(chunk), n),
+                                     dtype=caches[0].dtype, device=caches[0].device)
+                pack(caches, idx, start, n, packed)
+                gathered = torch.cuda.Event()
+                gathered.record(gather)
+            link.stream.wait_event(gathered)
             timer.mark("gather")
-            # One group per chunk: each NCCL call costs a launch round trip, per chunk
-            # instead of per layer; chunks still let the receiver scatter one while the
-            # next is on the wire.
-            link.send(*(p.view(torch.uint8).view(-1) for p in parts))
+            link.send(packed.view(torch.uint8).view(-1))
             timer.mark("send")
             done = torch.cuda.Event()
             done.record(link.stream)
-            sent.append(_Sent(handle, done, time.monotonic(), tuple(keep), packed_bytes,
-                              len(chunk)))
+            keep = (packed,) if idx is None else (packed, idx)
+            sent.append(_Sent(handle, done, time.monotonic(), keep,
+                              packed.numel() * packed.element_size(), len(chunk)))
         timer.report(f"posting layers {batch[0].layer}..{batch[-1].layer} of "
                      f"{handle.transfer_id!r} ({n} blocks)")
 
