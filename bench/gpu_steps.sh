@@ -9,6 +9,7 @@
 #   structured  issue 14: sampler per step, decode tok/s with a JSON schema vs unconstrained
 #   cuda-tests  the connectors' and the tier's CUDA tests
 #   transfer    issue 9: bench/kv_transfer.py, nccl / ucx / ucx-packed vs raw NCCL and copy
+#               (KINDS=nccl without NIXL carried)
 #   serving     issue 9: 8B model through pdserve up: exactness and TTFT, nccl and ucx
 #   streams     issue 9: 64 streams through the router vs the CUDA-graph step alone
 #   tier        issue 10: TTFT of 4k and 16k prefixes, tier hit vs recompute, 8B model
@@ -51,7 +52,7 @@ for step in "${@:-transfer}"; do
         tests/kv_transfer/tier/test_tier_codec.py 2>&1 | tee "$OUT/cuda_tests.txt"
       ;;
     transfer)
-      python3 bench/kv_transfer.py --kinds nccl,ucx,ucx-packed --repeats 5 \
+      python3 bench/kv_transfer.py --kinds "${KINDS:-nccl,ucx,ucx-packed}" --repeats 5 \
         --json "$OUT/kv_transfer.json" 2>&1 | grep -v Warning | tee "$OUT/kv_transfer.txt"
       ;;
     serving)

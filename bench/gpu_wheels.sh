@@ -21,7 +21,7 @@ get .whl/base fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.
   sniffio==1.3.1 redis==8.1.0 hiredis==3.5.0 nccl4py==0.6.0
 # what pdserve up's router needs beyond those (fastapi 0.165 imports opentelemetry-api)
 get .whl/extra opentelemetry-api importlib-metadata zipp dnspython prometheus-client xxhash \
-  h11 anyio click
+  h11 anyio click uvloop httptools
 # py-spy: bench/gpu_streams.py --profile samples the decode pod and the router with it
 get .whl/extra py-spy==0.4.3
 "$PY" -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
