@@ -1,11 +1,18 @@
 """RMSNorm, RoPE with the KV write, and the grammar mask, for CPU serving: fewer operator
 calls per layer.
 
+Each first tries its C form (kernels/cpu_elementwise.c through cpu_native): one call where
+the torch form below is five to ten operators, and at a small model's decode step every
+operator call costs a few microseconds whatever its size (a step at batch 1 spent 80 us in
+the norms and 92 us in RoPE + KV write out of 717 us; bench/RESULTS.md, issue 15). The torch
+form serves where the C one cannot be built or does not apply.
+
 Numerics follow kernels.reference (HF transformers' Llama). The norm is computed in
 float32 and rounded to the activations' dtype before the weight multiplies it, as HF
-rounds; its float32 part is one fused layer-norm call (see rms_norm), which sums in
-another order than HF's ``mean(x^2)``, so a result may differ from HF's in its last bit.
-RoPE multiplies in the activations' dtype with cos/sin rounded to it, exactly as HF does.
+rounds; both forms sum the squares in another order than HF's ``mean(x^2)`` (the torch
+form through one fused layer-norm call, see rms_norm), so a result may differ from HF's in
+its last bit. RoPE multiplies in the activations' dtype with cos/sin rounded to it, exactly
+as HF does, in both forms.
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     RMS form (F.rms_norm) runs as ten small operators: in a decode step on the CI CPU the
     fused form took a tenth of the time (bench/RESULTS.md, issue 15).
     """
+    native = cpu_native.add_rms_norm(x, None, weight, eps)
+    if native is not None:
+        return native[0]
     h = x.shape[-1]
     return F.layer_norm(torch.cat((x, x.neg()), dim=-1), (2 * h,), eps=eps)[..., :h] * weight
 
@@ -35,6 +45,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    native = cpu_native.add_rms_norm(x, residual, weight, eps)
+    if native is not None:
+        return native
     summed = residual + x
     return rms_norm(summed, weight, eps), summed
 
@@ -62,6 +75,12 @@ def rotary_embedding_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                   kv_cache: torch.Tensor, plan: CpuStepPlan) -> None:
     """RoPE on q and k in place (one pass when they share a buffer), then K and V into the
     cache (one scatter when they do)."""
+    if plan.native_rope is None:
+        plan.native_rope = plan.slot_rows is None and cpu_native.rope_fits(
+            q, k, v, kv_cache, plan.cos, plan.sin, plan.slots)
+    if plan.native_rope:
+        cpu_native.rope_and_write_kv(q, k, v, kv_cache, plan.cos, plan.sin, plan.slots)
+        return
     qk = _joined(q, k)
     if qk is not None:
         _rope_(qk, plan)

@@ -1,6 +1,8 @@
 """Native CPU kernels: C compiled on this machine at first use, called through ctypes.
 
-Two kernels in cpu_paged_attention.c: decode (one query per sequence) and prefill (a
+cpu_elementwise.c holds a decode layer's elementwise work (residual add + RMSNorm, RoPE +
+KV write; cpu_elementwise.py says why), built without fused multiply-adds so it rounds as
+torch does. Two kernels in cpu_paged_attention.c: decode (one query per sequence) and prefill (a
 sequence's new tokens, causal over its whole context), both reading K and V straight from
 the paged cache. Why C and not torch operators: decode attention over long contexts is
 bound by reading K and V, and through torch it costs a gather of every sequence's K/V into
@@ -40,11 +42,12 @@ from engine.device import cpu_flags
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_paged_attention.c")
+ELEMENTWISE_SOURCE = Path(__file__).with_name("cpu_elementwise.c")
 BUILD_TIMEOUT_S = 120.0
 
 
-def _flags(march: str) -> list[str]:
-    return ["-O3", f"-march={march}", "-fopenmp-simd", "-shared", "-fPIC"]
+def _flags(march: str, extra: tuple[str, ...] = ()) -> list[str]:
+    return ["-O3", f"-march={march}", "-fopenmp-simd", *extra, "-shared", "-fPIC"]
 
 
 def _cache_dir() -> Path:
@@ -52,7 +55,7 @@ def _cache_dir() -> Path:
                 or Path.home() / ".cache" / "pdserve" / "kernels")
 
 
-def _build(target: Path, flags: list[str]) -> None:
+def _build(target: Path, source: Path, flags: list[str]) -> None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise RuntimeError("no C compiler (cc) on PATH")
@@ -60,28 +63,56 @@ def _build(target: Path, flags: list[str]) -> None:
     # build beside the target and rename: concurrent pods never load a half-written file
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        done = subprocess.run([compiler, *flags, "-o", str(built), str(SOURCE), "-lm"],
+        done = subprocess.run([compiler, *flags, "-o", str(built), str(source), "-lm"],
                               capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
         os.replace(built, target)
 
 
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The compiled kernels, built on first use; None where they cannot be built."""
+def _load(source: Path, extra_flags: tuple[str, ...], fallback: str) -> ctypes.CDLL | None:
+    """``source`` compiled (once per source, flags and CPU) and loaded; None, with a
+    warning naming ``fallback``, where it cannot be built."""
     march = os.environ.get("PDSERVE_KERNEL_MARCH") or "native"
-    flags = _flags(march)
+    flags = _flags(march, extra_flags)
     cpu = " ".join(sorted(cpu_flags())) if march == "native" else ""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + cpu.encode()
+    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + cpu.encode()
                          + platform.machine().encode()).hexdigest()
-    target = _cache_dir() / f"cpu_paged_attention-{key[:16]}.so"
+    target = _cache_dir() / f"{source.stem}-{key[:16]}.so"
     try:
         if not target.exists():
-            _build(target, flags)
-        lib = ctypes.CDLL(str(target))
+            _build(target, source, flags)
+        return ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        log.warning("native CPU attention unavailable (%s); using torch's SDPA", exc)
+        log.warning("native CPU kernels of %s unavailable (%s); using %s", source.name, exc,
+                    fallback)
+        return None
+
+
+@functools.cache
+def elementwise_library() -> ctypes.CDLL | None:
+    """cpu_elementwise.c, built on first use; None where it cannot be built."""
+    lib = _load(ELEMENTWISE_SOURCE, ("-ffp-contract=off",), "torch operators")
+    if lib is None:
+        return None
+    pointer, integer, long = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    fn = lib.add_rms_norm
+    fn.restype = None
+    fn.argtypes = (pointer, long, pointer, long, pointer, pointer, pointer, long, long,
+                   ctypes.c_float, integer, integer)
+    fn = lib.rope_and_write_kv
+    fn.restype = ctypes.c_int
+    fn.argtypes = (pointer, long, integer, pointer, long, pointer, long, integer, integer,
+                   pointer, pointer, long, pointer, pointer, pointer, long, integer)
+    return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled attention kernels, built on first use; None where they cannot be
+    built."""
+    lib = _load(SOURCE, (), "torch's SDPA")
+    if lib is None:
         return None
     fn = lib.paged_decode_attention
     fn.restype = ctypes.c_int
@@ -167,3 +198,74 @@ def _check(status: int, name: str, head_dim: int) -> None:
                          "(serves() says which caches it takes)")
     if status != 0:
         raise MemoryError(f"{name}: no memory for its scratch")
+
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rms_norm(x + residual) * weight, x + residual), or with no residual (rms_norm(x) *
+    weight, x), in one pass over contiguous bf16 or float32 rows; None, doing nothing,
+    where it does not apply. (Checked in well under a microsecond: at batch 1 the whole
+    call must cost less than the operators it replaces, about 10 us.)"""
+    if x.is_cuda or x.dim() != 2 or not x.is_contiguous() or weight.shape[0] != x.shape[1] \
+            or not weight.is_contiguous() or weight.dtype is not x.dtype \
+            or x.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    if residual is not None and (residual.shape != x.shape or residual.dtype is not x.dtype
+                                 or not residual.is_contiguous()):
+        return None
+    lib = elementwise_library()
+    if lib is None:
+        return None
+    rows, hidden = x.shape
+    out = torch.empty_like(x)
+    if residual is None:
+        lib.add_rms_norm(x.data_ptr(), hidden, None, 0, weight.data_ptr(), out.data_ptr(),
+                         None, rows, hidden, eps, int(x.dtype is torch.bfloat16), 0)
+        return out, x
+    summed = torch.empty_like(x)
+    lib.add_rms_norm(x.data_ptr(), hidden, residual.data_ptr(), hidden, weight.data_ptr(),
+                     out.data_ptr(), summed.data_ptr(), rows, hidden, eps,
+                     int(x.dtype is torch.bfloat16), 1)
+    return out, summed
+
+
+def rope_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+              cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor) -> bool:
+    """Whether ``rope_and_write_kv`` takes these: q [tokens, q_heads, dim] and k, v
+    [tokens, kv_heads, dim] with each token's heads contiguous (views of a fused qkv, any
+    row stride), a contiguous cache [2, blocks, block_size, kv_heads, dim] of their dtype
+    (bf16 or float32) on the CPU, cos and sin [tokens, 1, dim] contiguous of that dtype, one
+    int64 slot per token. A step's layers all pass alike tensors: the caller checks once per
+    step (kernels.cpu_step.CpuStepPlan.native_rope)."""
+    dtype = kv_cache.dtype
+    tokens, _, dim = q.shape
+    heads = k.shape[1]
+    return dtype in (torch.bfloat16, torch.float32) and not kv_cache.is_cuda \
+        and kv_cache.is_contiguous() and kv_cache.shape[3:] == (heads, dim) \
+        and all(t.dtype is dtype and t.stride(2) == 1 and t.stride(1) == dim
+                for t in (q, k, v)) \
+        and k.shape == (tokens, heads, dim) and v.shape == k.shape and dim % 2 == 0 \
+        and all(t.dtype is dtype and t.is_contiguous() and t.numel() == tokens * dim
+                for t in (cos, sin)) \
+        and slots.dtype is torch.int64 and slots.is_contiguous() \
+        and slots.shape == (tokens,) and elementwise_library() is not None
+
+
+def rope_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      kv_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      slots: torch.Tensor) -> None:
+    """RoPE on q and k in place with the step's tables, then k and v into ``kv_cache`` at
+    ``slots`` (one per token), for tensors ``rope_fits`` took. A slot outside the cache is
+    an error (the C side checks every one before it writes)."""
+    lib = elementwise_library()
+    assert lib is not None
+    base = kv_cache.data_ptr()
+    slots_in_cache = kv_cache.shape[1] * kv_cache.shape[2]
+    status = lib.rope_and_write_kv(
+        q.data_ptr(), q.stride(0), q.shape[1], k.data_ptr(), k.stride(0), v.data_ptr(),
+        v.stride(0), k.shape[1], q.shape[2], cos.data_ptr(), sin.data_ptr(), q.shape[0],
+        base, base + kv_cache.stride(0) * kv_cache.element_size(), slots.data_ptr(),
+        slots_in_cache, int(kv_cache.dtype is torch.bfloat16))
+    if status != 0:
+        raise IndexError(f"rope_and_write_kv: a slot outside the cache's {slots_in_cache}")

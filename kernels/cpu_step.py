@@ -57,6 +57,9 @@ class CpuStepPlan:
     slot_rows: torch.Tensor | None  # the rows those are (None: every row, in order)
     decode: DecodeGroup | None
     prefills: list[PrefillSeq]
+    # whether RoPE + KV write run in C this step (cpu_native.rope_fits): decided at the
+    # first layer, since every layer passes alike tensors (None: not yet)
+    native_rope: bool | None = None
 
 
 def _rope_tables(positions: torch.Tensor, cos_sin_cache: torch.Tensor, dtype: torch.dtype

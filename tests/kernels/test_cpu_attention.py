@@ -167,11 +167,13 @@ def test_without_a_compiler_the_native_kernel_is_absent_and_decodes_take_torch(t
     # with a warning, and the plan falls back to the gather + SDPA path
     code = ("import logging, torch; logging.basicConfig();"
             "from kernels import cpu_native;"
-            "print(cpu_native.library(), cpu_native.serves(torch.zeros(2, 1, 16, 1, 32)))")
+            "print(cpu_native.library(), cpu_native.serves(torch.zeros(2, 1, 16, 1, 32)),"
+            " cpu_native.elementwise_library())")
     env = {**os.environ, "PDSERVE_KERNEL_CACHE": str(tmp_path), "CC": "false"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env, timeout=120, cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["None", "False"]
-    assert "native CPU attention unavailable" in done.stderr
+    assert done.stdout.split() == ["None", "False", "None"]
+    assert "native CPU kernels of cpu_paged_attention.c unavailable" in done.stderr
+    assert "native CPU kernels of cpu_elementwise.c unavailable" in done.stderr
     assert not list(tmp_path.glob("*.so"))

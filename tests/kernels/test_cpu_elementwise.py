@@ -1,15 +1,26 @@
 """The CPU serving norms and RoPE + KV write equal kernels.reference: RoPE bit for bit in
 bf16 (where HF rounds, it rounds), the norms within one rounding step of the dtype (they
 sum in another order); K/V land in exactly their slots, padding slots (-1) write nothing,
-and q/k/v may be views of one fused projection (the serving case) or separate tensors."""
+and q/k/v may be views of one fused projection (the serving case) or separate tensors.
+Each runs twice: in C (kernels/cpu_elementwise.c, what serves where it builds) and with
+the C library taken away (the torch operators that serve where it does not)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels import cpu_elementwise, reference
+from kernels import cpu_elementwise, cpu_native, reference
 from kernels.cpu_step import plan_step
+
+
+@pytest.fixture(params=["c", "torch"])
+def path(request, monkeypatch):
+    if request.param == "c":
+        assert cpu_native.elementwise_library() is not None, "the C kernels did not build"
+    else:
+        monkeypatch.setattr(cpu_native, "elementwise_library", lambda: None)
+    return request.param
 
 
 def _same(out: torch.Tensor, ref: torch.Tensor) -> bool:
@@ -26,7 +37,7 @@ def _within_a_rounding_step(out: torch.Tensor, ref: torch.Tensor) -> bool:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hidden", [96, 255])
-def test_norms_equal_reference(dtype, hidden, gen):
+def test_norms_equal_reference(dtype, hidden, gen, path):
     x = (3 * torch.randn(37, hidden, generator=gen)).to(dtype)
     res = torch.randn(37, hidden, generator=gen).to(dtype)
     w = torch.rand(hidden, generator=gen).to(dtype) + 0.5
@@ -52,7 +63,7 @@ def _inputs(tokens, hq, hk, dim, dtype, fused, gen):
 @pytest.mark.parametrize("fused", [True, False], ids=["qkv-views", "separate"])
 @pytest.mark.parametrize("heads", [(4, 2), (3, 3), (4, 1)], ids=["gqa", "mha", "mqa"])
 @pytest.mark.parametrize("padding", [False, True])
-def test_rope_and_kv_write_equal_reference(dtype, fused, heads, padding, gen):
+def test_rope_and_kv_write_equal_reference(dtype, fused, heads, padding, gen, path):
     tokens, dim, block_size, num_blocks = 11, 32, 16, 4
     hq, hk = heads
     q, k, v = _inputs(tokens, hq, hk, dim, dtype, fused, gen)
@@ -77,3 +88,15 @@ def test_rope_and_kv_write_equal_reference(dtype, fused, heads, padding, gen):
     written = ~want_cache.isnan()
     assert int(written.sum()) == 2 * (tokens - 2 * padding) * hk * dim
     assert _same(cache[written], want_cache[written])
+
+
+def test_native_kv_write_refuses_a_slot_outside_the_cache(gen):
+    tokens, hq, hk, dim = 3, 4, 2, 32
+    q, k, v = _inputs(tokens, hq, hk, dim, torch.bfloat16, True, gen)
+    cache = torch.zeros((2, 2, 16, hk, dim), dtype=torch.bfloat16)
+    cos = torch.ones(tokens, 1, dim, dtype=torch.bfloat16)
+    slots = torch.tensor([0, 5, 32])  # 2 blocks of 16: slot 32 is past the end
+    assert cpu_native.rope_fits(q, k, v, cache, cos, cos, slots)
+    with pytest.raises(IndexError, match="outside the cache"):
+        cpu_native.rope_and_write_kv(q, k, v, cache, cos, cos, slots)
+    assert not cache.any()  # nothing was written
