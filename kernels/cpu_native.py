@@ -235,7 +235,8 @@ def rope_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch
     """Whether ``rope_and_write_kv`` takes these: q [tokens, q_heads, dim] and k, v
     [tokens, kv_heads, dim] with each token's heads contiguous (views of a fused qkv, any
     row stride), a contiguous cache [2, blocks, block_size, kv_heads, dim] of their dtype
-    (bf16 or float32) on the CPU, cos and sin [tokens, 1, dim] contiguous of that dtype, one
+    (bf16 or float32) on the CPU (dim even, at most 512), cos and sin [tokens, 1, dim]
+    contiguous of that dtype, one
     int64 slot per token. A step's layers all pass alike tensors: the caller checks once per
     step (kernels.cpu_step.CpuStepPlan.native_rope)."""
     dtype = kv_cache.dtype
@@ -246,6 +247,7 @@ def rope_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch
         and all(t.dtype is dtype and t.stride(2) == 1 and t.stride(1) == dim
                 for t in (q, k, v)) \
         and k.shape == (tokens, heads, dim) and v.shape == k.shape and dim % 2 == 0 \
+        and dim <= 512 \
         and all(t.dtype is dtype and t.is_contiguous() and t.numel() == tokens * dim
                 for t in (cos, sin)) \
         and slots.dtype is torch.int64 and slots.is_contiguous() \
