@@ -8,7 +8,7 @@ import pytest
 import torch
 from kvt_helpers import make_layout, random_caches
 
-from kv_transfer.backends.nccl.packing import pack, packed_shape, unpack
+from kv_transfer.backends.nccl.packing import empty_packed, pack, unpack
 from kv_transfer.backends.nccl.protocol import one_run
 
 POOL = 24
@@ -30,7 +30,7 @@ def test_packed_layers_land_in_the_named_blocks_only(src_ids, dst_ids, dtype) ->
     n = len(src_ids)
     for first, count in ((0, 3), (3, 2)):  # two groups of layers, as a header's chunks
         layers = range(first, first + count)
-        out = torch.empty(packed_shape(src[0], count, n), dtype=src[0].dtype)
+        out = empty_packed(src[0], count, n)
         pack([src[i] for i in layers], torch.tensor(src_ids), one_run(src_ids), n, out)
         for j, i in enumerate(layers):  # layer-major, K before V, the request's block order
             for b, block in enumerate(src_ids):

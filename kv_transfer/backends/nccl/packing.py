@@ -20,16 +20,16 @@ from collections.abc import Sequence
 import torch
 
 
-def packed_shape(layer_cache: torch.Tensor, num_layers: int, num_blocks: int
-                 ) -> tuple[int, ...]:
-    """The packed buffer's shape for ``num_layers`` layers of ``num_blocks`` blocks, given
-    one layer's cache ``[2, pool_blocks, ...]``."""
-    return (num_layers, 2, num_blocks, *layer_cache.shape[2:])
+def empty_packed(layer_cache: torch.Tensor, num_layers: int, num_blocks: int) -> torch.Tensor:
+    """A packed buffer for ``num_layers`` layers of ``num_blocks`` blocks, given one layer's
+    cache ``[2, pool_blocks, ...]``: its dtype and device, on the current stream."""
+    return torch.empty((num_layers, 2, num_blocks, *layer_cache.shape[2:]),
+                       dtype=layer_cache.dtype, device=layer_cache.device)
 
 
 def pack(layers: Sequence[torch.Tensor], index: torch.Tensor | None, run_start: int | None,
          num_blocks: int, out: torch.Tensor) -> None:
-    """Copy the named blocks of each cache in ``layers`` into ``out[i]`` (``packed_shape``).
+    """Copy the named blocks of each cache in ``layers`` into ``out[i]`` (``empty_packed``).
     ``run_start``: the first block when they are one run of consecutive ids (then
     ``index`` is not read); else ``index`` holds the block ids (int64, on the caches'
     device)."""

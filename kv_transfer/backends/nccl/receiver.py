@@ -34,7 +34,7 @@ from kv_transfer.backends.nccl.link import (
     PostTimer,
     new_unique_id,
 )
-from kv_transfer.backends.nccl.packing import packed_shape, unpack
+from kv_transfer.backends.nccl.packing import empty_packed, unpack
 from kv_transfer.backends.nccl.protocol import (
     ABORT,
     DATA,
@@ -247,8 +247,7 @@ class NcclReceiver(KVReceiver):
             # over (still received: the sender's message is on its way).
             caches = [self.memory.layers[layer] for layer in chunk]
             with torch.cuda.stream(link.stream):
-                packed = torch.empty(packed_shape(caches[0], len(chunk), n),
-                                     dtype=caches[0].dtype, device=caches[0].device)
+                packed = empty_packed(caches[0], len(chunk), n)
             timer.mark("allocate")
             link.recv(packed.view(torch.uint8).view(-1))
             timer.mark("recv")

@@ -28,7 +28,7 @@ from engine.errors import KVTransferError, LayoutMismatchError, UnknownPeerError
 from engine.kv_layout import KVMemory
 from kv_transfer.backends.nccl.control import Control, connect
 from kv_transfer.backends.nccl.link import LAYERS_PER_GROUP, SENDER_RANK, Link, PostTimer
-from kv_transfer.backends.nccl.packing import pack, packed_shape
+from kv_transfer.backends.nccl.packing import empty_packed, pack
 from kv_transfer.backends.nccl.protocol import (
     ABORT,
     DATA,
@@ -292,8 +292,7 @@ class NcclSender(KVSender):
                 for job in chunk:
                     if job.ready is not None:
                         gather.wait_event(job.ready)
-                packed = torch.empty(packed_shape(caches[0], len(chunk), n),
-                                     dtype=caches[0].dtype, device=caches[0].device)
+                packed = empty_packed(caches[0], len(chunk), n)
                 pack(caches, idx, start, n, packed)
                 gathered = torch.cuda.Event()
                 gathered.record(gather)
