@@ -36,8 +36,8 @@ for step in "${@:-transfer}"; do
   case "$step" in
     model) make_8b ;;
     structured)
-      python3 bench/sampler_bench.py --device cuda --batches 1,64,256 --repeat 5 --warmup 2 \
-        2>&1 | tee "$OUT/sampler_gpu.txt"
+      [ "${SAMPLER:-1}" = 0 ] || python3 bench/sampler_bench.py --device cuda \
+        --batches 1,64,256 --repeat 5 --warmup 2 2>&1 | tee "$OUT/sampler_gpu.txt"
       [ -f /tmp/m1b/config.json ] || python3 -m pdserve.cli make-model --arch llama \
         --out /tmp/m1b --layers 16 --hidden 2048 --heads 32 --kv-heads 8 --intermediate 8192 \
         --vocab 128256 --dtype bfloat16 --device cuda 2>&1 | tail -1

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.llm_engine import EngineArgs, LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.structured_spec import StructuredOutputSpec
+from pdserve.pod import GPU_POD_SWITCH_INTERVAL_S
 
 RECORD = {"type": "object",
           "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 100000},
@@ -159,7 +160,12 @@ def main() -> None:
                     help="comma-separated llguidance thread counts for fills of up to 32 rows")
     ap.add_argument("--phases", action="store_true",
                     help="also print host ms per engine phase and the forward's GPU ms")
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="Python's GIL switch interval in seconds (default: a GPU pod's, "
+                    f"{GPU_POD_SWITCH_INTERVAL_S}, on CUDA; Python's own on a CPU)")
     args = ap.parse_args()
+    if args.switch_interval is not None or args.device.startswith("cuda"):
+        sys.setswitchinterval(args.switch_interval or GPU_POD_SWITCH_INTERVAL_S)
     engine = LLMEngine(args.model, EngineArgs(device=args.device, dtype=args.dtype,
                                               num_kv_blocks=4096, max_num_seqs=256,
                                               cpu_threads=args.threads or None))
