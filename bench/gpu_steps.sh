@@ -41,11 +41,13 @@ for step in "${@:-transfer}"; do
       [ -f /tmp/m1b/config.json ] || python3 -m pdserve.cli make-model --arch llama \
         --out /tmp/m1b --layers 16 --hidden 2048 --heads 32 --kv-heads 8 --intermediate 8192 \
         --vocab 128256 --dtype bfloat16 --device cuda 2>&1 | tail -1
-      python3 bench/structured_bench.py --model /tmp/m1b --device cuda --dtype bfloat16 \
-        --batches 1,32 --max-tokens 128 --repeat 2 --fill "${FILL:-worker,after-launch}" --phases \
-        --fill-threads "${FILL_THREADS:-1}" \
-        --torch-profile "$OUT/structured_kernels.txt" 2>&1 \
-        | tee "$OUT/structured_gpu.txt"
+      for sw in ${SWITCH:-0.0005}; do  # GIL switch intervals, seconds (a pod's: 0.0005)
+        python3 bench/structured_bench.py --model /tmp/m1b --device cuda --dtype bfloat16 \
+          --batches "${BATCHES:-1,32}" --max-tokens 128 --repeat 2 \
+          --fill "${FILL:-worker,after-launch}" --phases --fill-threads "${FILL_THREADS:-1}" \
+          --switch-interval "$sw" --torch-profile "$OUT/structured_kernels_$sw.txt" 2>&1 \
+          | tee "$OUT/structured_gpu_$sw.txt"
+      done
       ;;
     cuda-tests)
       python3 -m pytest -q -p no:cacheprovider tests/kv_transfer/test_kv_cuda.py \

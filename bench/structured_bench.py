@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.llm_engine import EngineArgs, LLMEngine
 from engine.sampling_params import SamplingParams
+from engine.structured_output import StepMasks
 from engine.structured_spec import StructuredOutputSpec
 from pdserve.pod import GPU_POD_SWITCH_INTERVAL_S
 
@@ -70,19 +71,34 @@ class Phases:
         engine.runner.execute = self._timed(  # type: ignore[method-assign]
             "launch", engine.runner.execute, gpu=True)
         llm_engine.sample_rows = self._timed("sample", llm_engine.sample_rows, gpu=True)
+        StepMasks.wait = self._timed("wait", StepMasks.wait)  # type: ignore[method-assign]
+        # the step's timeline: when each phase began and ended on the host and on the
+        # device, from the step's start (the bench syncs before each step)
+        self.step_t0 = 0.0
+        self.step_event: torch.cuda.Event | None = None
+        self.spans: list[tuple[str, float, float, torch.cuda.Event | None,
+                               torch.cuda.Event | None, torch.cuda.Event | None]] = []
 
-    def mark(self) -> tuple[dict[str, float], int]:
-        return dict(self.seconds), len(self.events)
+    def begin_step(self) -> None:
+        self.step_t0 = time.perf_counter()
+        if self.on_gpu:
+            self.step_event = torch.cuda.Event(enable_timing=True)
+            self.step_event.record()
 
-    def drop_since(self, mark: tuple[dict[str, float], int]) -> None:
+    def mark(self) -> tuple[dict[str, float], int, int]:
+        return dict(self.seconds), len(self.events), len(self.spans)
+
+    def drop_since(self, mark: tuple[dict[str, float], int, int]) -> None:
         """Forget what a step that is not timed (a prefill step) added."""
         self.seconds = collections.defaultdict(float, mark[0])
         del self.events[mark[1]:]
+        del self.spans[mark[2]:]
 
     def _timed(self, name: str, fn: collections.abc.Callable, gpu: bool = False
                ) -> collections.abc.Callable:
         def wrapped(*args: object, **kwargs: object) -> object:
             t0 = time.perf_counter()
+            start = end = None
             if gpu and self.on_gpu:
                 start, end = torch.cuda.Event(enable_timing=True), \
                     torch.cuda.Event(enable_timing=True)
@@ -90,10 +106,13 @@ class Phases:
             try:
                 return fn(*args, **kwargs)
             finally:
-                if gpu and self.on_gpu:
+                if start is not None and end is not None:
                     end.record()
                     self.events.append((name, start, end))
-                self.seconds[name] += time.perf_counter() - t0
+                t1 = time.perf_counter()
+                self.seconds[name] += t1 - t0
+                self.spans.append((name, t0 - self.step_t0, t1 - self.step_t0,
+                                   self.step_event, start, end))
         return wrapped
 
     def take(self, steps: int) -> dict[str, float]:
@@ -107,6 +126,26 @@ class Phases:
         self.seconds.clear()
         self.events.clear()
         return out
+
+    def take_timeline(self) -> list[str]:
+        """Median ms from the step's start at which each phase began and ended, on the
+        host and (launch, sample) on the device; then reset."""
+        if self.on_gpu:
+            torch.cuda.synchronize()
+        at: dict[str, list[tuple[float, ...]]] = collections.defaultdict(list)
+        for name, h0, h1, base, start, end in self.spans:
+            row = (1e3 * h0, 1e3 * h1)
+            if base is not None and start is not None and end is not None:
+                row += (base.elapsed_time(start), base.elapsed_time(end))
+            at[name].append(row)
+        self.spans.clear()
+        lines = []
+        for name, rows in sorted(at.items(), key=lambda kv: statistics.median(
+                r[0] for r in kv[1])):
+            cols = [f"{statistics.median(r[k] for r in rows):.3f}"
+                    for k in range(len(rows[0]))]
+            lines.append(f"| {name} | " + " | ".join(cols + [""] * (4 - len(cols))) + " |")
+        return lines
 
 
 def _run(engine: LLMEngine, batch: int, max_tokens: int, constrained: bool, tag: str,
@@ -127,6 +166,8 @@ def _run(engine: LLMEngine, batch: int, max_tokens: int, constrained: bool, tag:
         if engine.runner.device.type == "cuda":
             torch.cuda.synchronize()
         mark = phases.mark() if phases is not None else None
+        if phases is not None:
+            phases.begin_step()
         start = time.perf_counter()
         outputs = engine.step()
         elapsed = time.perf_counter() - start
@@ -182,6 +223,7 @@ def main() -> None:
     times = engine.structured.times
     phases = Phases(engine) if args.phases else None
     breakdown: list[tuple[str, int, str, dict[str, float]]] = []
+    timelines: list[tuple[str, list[str]]] = []
     for fill, batch in ((f"{f}/{t}" if "," in args.fill_threads else f, int(b))
                         for f in args.fill.split(",") for t in args.fill_threads.split(",")
                         for b in args.batches.split(",")):
@@ -209,6 +251,10 @@ def main() -> None:
                         **phases.take(steps), "whole step": 1e3 * seconds / max(steps, 1),
                         "mask wait": 1e3 * waited / max(steps, 1),
                         "advance": 1e3 * advance / max(steps, 1)}))
+                    if r == 0:
+                        timelines.append((f"{fill}, batch {batch}, "
+                                          f"{'JSON' if constrained else 'free'}",
+                                          phases.take_timeline()))
                 rates[constrained].append(tokens / seconds)
                 step_ms[constrained].append(1e3 * seconds / max(steps, 1))
                 if constrained:  # (includes the few prefill steps: an upper bound)
@@ -232,6 +278,12 @@ def main() -> None:
             print(f"| {fill} | {batch} | {run} | "
                   + " | ".join(f"{ms.get(n, 0.0):.3f}" for n in names) + " |", flush=True)
         print(f"steps whose masks a prefetch had begun: {times.prefetched}")
+        print("\nstep timeline, median ms from the step's start (the bench syncs before "
+              "each step): host begin / end, device begin / end")
+        for title, lines in timelines:
+            print(f"\n{title}\n| phase | host begin | host end | device begin | device end |"
+                  "\n| --- | --- | --- | --- | --- |")
+            print("\n".join(lines))
     if args.torch_profile is not None:
         _profile(engine, max(int(b) for b in args.batches.split(",")), args.max_tokens,
                  args.torch_profile)
