@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.llm_engine import EngineArgs, LLMEngine
 from engine.sampling_params import SamplingParams
-from engine.structured_output import StepMasks
+from engine.structured_output import HANDOFF_TIMEOUT_S, StepMasks
 from engine.structured_spec import StructuredOutputSpec
 from pdserve.pod import GPU_POD_SWITCH_INTERVAL_S
 
@@ -193,7 +193,8 @@ def main() -> None:
                     help="comma-separated: worker (a worker thread, prefetched at each step's "
                     "end: the engine's default), after-launch (a worker thread, begun just "
                     "after the forward's launch, no prefetch), inline (the engine thread, "
-                    "when sampling needs them)")
+                    "when sampling needs them); -nowait after worker or after-launch: the "
+                    "engine thread does not wait for the worker to take the GIL")
     ap.add_argument("--torch-profile", type=Path, default=None,
                     help="write torch.profiler's kernel table of one free and one JSON run "
                     "at the largest batch here")
@@ -229,6 +230,7 @@ def main() -> None:
                         for b in args.batches.split(",")):
         engine.structured.fill_inline = fill.startswith("inline")
         engine.structured.fill_after_launch = fill.startswith("after-launch")
+        engine.structured.handoff_timeout_s = 0.0 if "-nowait" in fill else HANDOFF_TIMEOUT_S
         threads = int(fill.partition("/")[2] or args.fill_threads)
         if threads != engine.structured.small_fill_threads:
             engine.structured.small_fill_threads = threads

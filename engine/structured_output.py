@@ -181,6 +181,7 @@ class StructuredOutputs:
         self._executor: Any = None  # llguidance.LLExecutor, made on first use
         self._executor_one: Any = None  # the same with few threads (small fills)
         self.small_fill_threads = 1  # its thread count (bench/structured_bench.py varies it)
+        self.handoff_timeout_s = HANDOFF_TIMEOUT_S  # 0: hand nothing over (the bench's -nowait)
         self._last: StepMasks | None = None
         self._buffers: list[torch.Tensor] = []  # two host row buffers, used in turn
         self.times = MaskTimes()
@@ -284,7 +285,8 @@ class StructuredOutputs:
             # the next launch -- Python switches threads every 5 ms -- so the fill began
             # only when the engine first blocked (0.3-0.6 ms of a 2.6 ms step exposed at
             # batch 32 on an H200).
-            started.wait(HANDOFF_TIMEOUT_S)
+            if self.handoff_timeout_s > 0:
+                started.wait(self.handoff_timeout_s)
         fresh = {s.request_id: i for i, s in enumerate(planned) if s.num_output_tokens == 0}
         self._last = StepMasks(self, {s.seq_id: i for i, s in enumerate(planned)}, fresh,
                                filled, job, {s.seq_id: s.num_tokens for s in planned})
