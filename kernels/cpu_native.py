@@ -43,7 +43,13 @@ from engine.device import cpu_flags
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_paged_attention.c")
 ELEMENTWISE_SOURCE = Path(__file__).with_name("cpu_elementwise.c")
+AMX_SOURCE = Path(__file__).with_name("cpu_amx_attention.c")
+HEADER = Path(__file__).with_name("cpu_vector.h")  # included by the attention sources
 BUILD_TIMEOUT_S = 120.0
+# Prefills of fewer new tokens stay on the float32 kernel: below this, packing K/V into
+# tiles costs what the tiles save (at 64 tokens 1.1x, at 523 1.6x, at 1024 2.1x, a 32-wide
+# head of a 4-layer model on this repo's 2-core Sapphire Rapids: bench/RESULTS.md).
+AMX_MIN_TOKENS = 64
 
 
 def _flags(march: str, extra: tuple[str, ...] = ()) -> list[str]:
@@ -76,8 +82,8 @@ def _load(source: Path, extra_flags: tuple[str, ...], fallback: str) -> ctypes.C
     march = os.environ.get("PDSERVE_KERNEL_MARCH") or "native"
     flags = _flags(march, extra_flags)
     cpu = " ".join(sorted(cpu_flags())) if march == "native" else ""
-    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + cpu.encode()
-                         + platform.machine().encode()).hexdigest()
+    key = hashlib.sha256(source.read_bytes() + HEADER.read_bytes() + " ".join(flags).encode()
+                         + cpu.encode() + platform.machine().encode()).hexdigest()
     target = _cache_dir() / f"{source.stem}-{key[:16]}.so"
     try:
         if not target.exists():
@@ -129,6 +135,27 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+@functools.cache
+def amx_library() -> ctypes.CDLL | None:
+    """cpu_amx_attention.c, where the CPU has AMX-BF16 and the kernel lets this process use
+    its tiles; None elsewhere (bf16 prefill then takes the float32 C kernel)."""
+    if not {"amx_bf16", "amx_tile", "avx512_bf16"} <= cpu_flags():
+        return None
+    lib = _load(AMX_SOURCE, ("-mamx-tile", "-mamx-bf16", "-mavx512bf16"),
+                "the float32 C prefill")
+    if lib is None:
+        return None
+    if lib.amx_enable() != 0:
+        log.warning("the kernel refused AMX's tile state; bf16 prefill runs in float32")
+        return None
+    fn = lib.amx_prefill_attention
+    fn.restype = ctypes.c_int
+    pointer, integer, long = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    fn.argtypes = (pointer, long, pointer, pointer, pointer, integer, integer, integer,
+                   integer, integer, integer, ctypes.c_float, pointer, long)
+    return lib
+
+
 def serves(kv_cache: torch.Tensor) -> bool:
     """Whether decodes over this cache run here (queries come in the cache's dtype)."""
     return kv_cache.dtype in (torch.bfloat16, torch.float32) and \
@@ -157,11 +184,14 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, tables: torc
 
 
 def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, table: torch.Tensor,
-                            context: int, scale: float, out: torch.Tensor) -> None:
+                            context: int, scale: float, out: torch.Tensor,
+                            use_amx: bool | None = None) -> None:
     """One sequence's new tokens: q [n, Hq, D] (rows may be strided, as views of a fused
     projection are) at positions context - n .. context - 1, causal over the whole context
     read from the cache; the result goes into ``out`` [n, Hq, D] (rows may be strided).
-    table: the sequence's block-table row, int32, contiguous."""
+    table: the sequence's block-table row, int32, contiguous. bf16 with heads of a multiple
+    of 32 runs on AMX where the CPU has it (``use_amx``: None = where available, False =
+    never, True = required)."""
     lib = library()
     assert lib is not None
     n, hq, d = q.shape
@@ -170,6 +200,17 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, table: torc
         assert t.stride(2) == 1 and t.stride(1) == d and t.dtype == kv_cache.dtype
     assert table.dtype == torch.int32 and table.is_contiguous() and out.shape == q.shape
     assert table.shape[0] * block_size >= context >= n
+    amx = amx_library() if use_amx is not False else None
+    if use_amx and amx is None:
+        raise RuntimeError("AMX prefill asked for where it is unavailable")
+    if amx is not None and q.dtype == torch.bfloat16 and d % 32 == 0 \
+            and (use_amx or n >= AMX_MIN_TOKENS):
+        status = amx.amx_prefill_attention(
+            q.data_ptr(), q.stride(0), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
+            table.data_ptr(), context, n, hq, hk, d, block_size, scale, out.data_ptr(),
+            out.stride(0))
+        _check(status, "amx_prefill_attention", d)
+        return
     status = lib.paged_prefill_attention(
         q.data_ptr(), q.stride(0), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
         table.data_ptr(), context, n, hq, hk, d, block_size, scale,

@@ -96,6 +96,35 @@ def test_native_prefill_matches_reference_at_every_head_size_it_takes(dtype, hea
     assert rel_err(out, ref) < _tol(dtype)
 
 
+@pytest.mark.skipif(cpu_native.amx_library() is None, reason="no AMX-BF16 on this CPU")
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128])
+@pytest.mark.parametrize("heads", [(8, 4), (3, 3), (4, 1)], ids=HEAD_IDS)
+def test_amx_prefill_matches_reference(head_dim, heads, gen, rel_err, paged_kv):
+    # a fresh prompt of rows in partial tiles of 16, a long one after a cached prefix
+    # ending mid-block, one token after a prefix; q as strided rows of a fused projection.
+    # The output rounds probabilities to bf16 (as torch's CPU flash attention does).
+    hq, hk = heads
+    news, prefixes = [7, 150, 1], [0, 45, 33]
+    lens = [n + p for n, p in zip(news, prefixes, strict=True)]
+    kv = paged_kv(lens, 16, hk, head_dim, torch.bfloat16, gen)
+    total = sum(news)
+    qkv = (2 * torch.randn(total, (hq + 2) * head_dim, generator=gen)).to(torch.bfloat16)
+    q = qkv[:, :hq * head_dim].view(-1, hq, head_dim)
+    scale = head_dim ** -0.5
+    start = 0
+    for i, n in enumerate(news):
+        rows = q[start:start + n]
+        out = torch.full_like(rows, float("nan"))
+        table = kv.block_tables[i].contiguous()
+        cpu_native.paged_prefill_attention(rows, kv.kv_cache, table, lens[i], scale, out,
+                                           use_amx=True)
+        cu = torch.tensor([0, n], dtype=torch.int32)
+        ref = reference.paged_prefill_attention(rows, kv.kv_cache, kv.block_tables[i:i + 1],
+                                                cu, kv.context_lens[i:i + 1], scale)
+        assert rel_err(out, ref) < 1e-2, (i, n)
+        start += n
+
+
 def test_native_decode_declines_head_sizes_it_does_not_take(gen, paged_kv):
     kv = paged_kv([5], 16, 1, 40, torch.float32, gen)
     assert not cpu_native.serves(kv.kv_cache)
