@@ -134,7 +134,7 @@ class Phases:
             torch.cuda.synchronize()
         at: dict[str, list[tuple[float, ...]]] = collections.defaultdict(list)
         for name, h0, h1, base, start, end in self.spans:
-            row = (1e3 * h0, 1e3 * h1)
+            row: tuple[float, ...] = (1e3 * h0, 1e3 * h1)
             if base is not None and start is not None and end is not None:
                 row += (base.elapsed_time(start), base.elapsed_time(end))
             at[name].append(row)
