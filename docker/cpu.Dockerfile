@@ -37,7 +37,7 @@ RUN pip install grpcio-tools \
 # The runtime has no compiler, so the kernel is built now, for x86-64-v3 (AVX2/FMA: any
 # x86 server of the last decade) instead of this build machine's own CPU.
 ENV PDSERVE_KERNEL_CACHE=/opt/venv/pdserve-kernels PDSERVE_KERNEL_MARCH=x86-64-v3
-RUN cd /tmp && python -c "from kernels import cpu_native; assert cpu_native.library() and cpu_native.elementwise_library()"
+RUN cd /tmp && python -c "from kernels import cpu_native; assert cpu_native.prebuild()"
 ARG MODEL_DIR=docker/no-model
 COPY ${MODEL_DIR} /models/model
 

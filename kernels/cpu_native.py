@@ -1,6 +1,8 @@
 """Native CPU kernels: C compiled on this machine at first use, called through ctypes.
 
-cpu_elementwise.c holds a decode layer's elementwise work (residual add + RMSNorm, RoPE +
+cpu_amx_attention.c is the bf16 prefill on Intel AMX tiles, a library of its own (built with
+AMX's flags, loaded only where the CPU has them). cpu_elementwise.c holds a decode layer's
+elementwise work (residual add + RMSNorm, RoPE +
 KV write; cpu_elementwise.py says why), built without fused multiply-adds so it rounds as
 torch does. Two kernels in cpu_paged_attention.c: decode (one query per sequence) and prefill (a
 sequence's new tokens, causal over its whole context), both reading K and V straight from
@@ -45,6 +47,7 @@ SOURCE = Path(__file__).with_name("cpu_paged_attention.c")
 ELEMENTWISE_SOURCE = Path(__file__).with_name("cpu_elementwise.c")
 AMX_SOURCE = Path(__file__).with_name("cpu_amx_attention.c")
 HEADER = Path(__file__).with_name("cpu_vector.h")  # included by the attention sources
+AMX_FLAGS = ("-mamx-tile", "-mamx-bf16", "-mavx512bf16")
 BUILD_TIMEOUT_S = 120.0
 # Prefills of fewer new tokens stay on the float32 kernel: below this, packing K/V into
 # tiles costs what the tiles save (at 64 tokens 1.1x, at 523 1.6x, at 1024 2.1x, a 32-wide
@@ -135,14 +138,20 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def prebuild() -> bool:
+    """Build every kernel library into the cache now (an image's build stage, for
+    ``$PDSERVE_KERNEL_MARCH``), the AMX one too whatever this CPU has: True if all built."""
+    return all(_load(source, flags, "nothing") is not None for source, flags in (
+        (SOURCE, ()), (ELEMENTWISE_SOURCE, ("-ffp-contract=off",)), (AMX_SOURCE, AMX_FLAGS)))
+
+
 @functools.cache
 def amx_library() -> ctypes.CDLL | None:
     """cpu_amx_attention.c, where the CPU has AMX-BF16 and the kernel lets this process use
     its tiles; None elsewhere (bf16 prefill then takes the float32 C kernel)."""
     if not {"amx_bf16", "amx_tile", "avx512_bf16"} <= cpu_flags():
         return None
-    lib = _load(AMX_SOURCE, ("-mamx-tile", "-mamx-bf16", "-mavx512bf16"),
-                "the float32 C prefill")
+    lib = _load(AMX_SOURCE, AMX_FLAGS, "the float32 C prefill")
     if lib is None:
         return None
     if lib.amx_enable() != 0:
