@@ -170,12 +170,13 @@ class StructuredOutputs:
         # fill longer than the step; the worker is the default as it also overlaps a CPU
         # forward, the engine thread's own work.
         self.fill_inline = fill_inline
-        # fill_after_launch (a GPU's choice, not yet the default): no prefetch, and the
-        # engine calls ``begin`` right after launching the forward instead of before it.
-        # The host work before a launch is time the GPU idles (the prefetch was 0.18-0.20
-        # ms of a 2.57 ms constrained step on an H200), while a fill begun just after the
-        # launch still has the whole forward to hide under. Not on a CPU, whose forward
-        # runs on the engine thread itself: a fill begun after it could hide under nothing.
+        # fill_after_launch (measured, not the default): no prefetch, and the engine calls
+        # ``begin`` right after launching the forward instead. It spares the GPU the
+        # prefetch's 0.16-0.19 ms of host work before the launch, but on an H200's host
+        # the fill (1.0-1.3 ms) then overruns the 1.45 ms forward: 0.68-0.74 of the
+        # unconstrained rate at batch 32 against the prefetch's 0.76-0.77 (bench/RESULTS.md,
+        # 2026-12-01 morning). On a CPU, whose forward runs on the engine thread itself, a
+        # fill begun after it could hide under nothing.
         self.fill_after_launch = False
         self._pool: ThreadPoolExecutor | None = None
         self._executor: Any = None  # llguidance.LLExecutor, made on first use
