@@ -127,7 +127,7 @@ def library() -> ctypes.CDLL | None:
     fn.restype = ctypes.c_int
     pointer, integer, long = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     fn.argtypes = (pointer, pointer, pointer, pointer, integer, pointer, integer, integer,
-                   integer, integer, integer, ctypes.c_float, integer, pointer)
+                   integer, integer, integer, ctypes.c_float, integer, pointer, integer)
     fn = lib.paged_prefill_attention
     fn.restype = ctypes.c_int
     fn.argtypes = (pointer, long, pointer, pointer, pointer, integer, integer, integer,
@@ -173,9 +173,12 @@ def serves(kv_cache: torch.Tensor) -> bool:
 
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor,
-                           context: torch.Tensor, scale: float) -> torch.Tensor:
+                           context: torch.Tensor, scale: float,
+                           bf16_scores: bool = True) -> torch.Tensor:
     """q [n, Hq, D] -> [n, Hq, D]; kv_cache [2, blocks, block_size, Hk, D] (contiguous);
-    tables [n, max_blocks] int32 and context [n] int32, both contiguous."""
+    tables [n, max_blocks] int32 and context [n] int32, both contiguous. In bf16 with heads
+    of a multiple of 32, the scores take the CPU's bf16 dot product where it has one
+    (AVX512-BF16; ``bf16_scores=False``: the float32 form, for comparison)."""
     lib = library()
     assert lib is not None
     n, hq, d = q.shape
@@ -187,7 +190,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, tables: torc
     status = lib.paged_decode_attention(
         q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), tables.data_ptr(),
         tables.shape[1], context.data_ptr(), n, hq, hk, d, block_size, scale,
-        int(q.dtype == torch.bfloat16), out.data_ptr())
+        int(q.dtype == torch.bfloat16), out.data_ptr(), int(bf16_scores))
     _check(status, "paged_decode_attention", d)
     return out
 

@@ -60,17 +60,21 @@ def test_decode_batch_matches_reference(native, dtype, block_size, heads, gen, r
 
 @pytest.mark.skipif(cpu_native.library() is None, reason="no C compiler to build the kernel")
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("head_dim", [16, 48, 64, 128])
-def test_native_decode_matches_reference_at_every_head_size_it_takes(dtype, head_dim, gen,
+@pytest.mark.parametrize("head_dim", [16, 48, 64, 96, 128])
+@pytest.mark.parametrize("bf16_scores", [True, False], ids=["bf16-dot", "f32-scores"])
+def test_native_decode_matches_reference_at_every_head_size_it_takes(dtype, head_dim,
+                                                                      bf16_scores, gen,
                                                                       rel_err, paged_kv):
-    # 64 and 128 are compiled as constants, 16 and 48 take the general loop; long contexts
-    # whose scores spread widely exercise the softmax's exp
+    # 64 and 128 are compiled as constants, 16, 48 and 96 take the general loop; long
+    # contexts whose scores spread widely exercise the softmax's exp; in bf16 with heads of
+    # a multiple of 32 the scores take the bf16 dot product unless told not to (16 tokens
+    # at a time: 300 and 77 end in partial groups)
     lens = [300, 1, 77]
     kv = paged_kv(lens, 16, 2, head_dim, dtype, gen)
     q = (4 * torch.randn(len(lens), 6, head_dim, generator=gen)).to(dtype)
     out = cpu_native.paged_decode_attention(
         q, kv.kv_cache, kv.block_tables.to(torch.int32).contiguous(),
-        kv.context_lens.to(torch.int32), head_dim ** -0.5)
+        kv.context_lens.to(torch.int32), head_dim ** -0.5, bf16_scores)
     ref = reference.paged_decode_attention(q, kv.kv_cache, kv.block_tables, kv.context_lens,
                                            head_dim ** -0.5)
     assert rel_err(out, ref) < _tol(dtype)
