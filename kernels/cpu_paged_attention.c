@@ -76,11 +76,66 @@ static void decode_scores_bf16(const uint16_t *q, const uint16_t *k_cache,
         }
     }
 }
+/* Decode values from bf16 probabilities and V (head size a multiple of 32, a group of at
+ * most 4 query heads): tokens in pairs, each pair's V rows interleaved once per KV head
+ * into the dot instruction's pair layout and weighed by every query head of the group's
+ * two probabilities at once (exact products, float32 sums). probs: [Hq][padded] floats
+ * (the softmax), rounded here to bf16, as torch's bf16 attention rounds them before P V.
+ * acc: [Hq][D] floats. */
+static void decode_values_bf16(const float *probs, const uint16_t *v_cache,
+                               const int32_t *table, int n, int num_heads, int num_kv_heads,
+                               int D, int block_size, int padded, float *acc) {
+    const int group = num_heads / num_kv_heads, chunks = D / 32;
+    const int64_t row = (int64_t)num_kv_heads * D;
+    /* lanes 2i, 2i + 1 of the result: element i of a, element i of b (16-bit elements);
+     * the second index takes elements 16 .. 31 */
+    __m512i lo_idx, hi_idx;
+    {
+        uint16_t lo[32], hi[32];
+        for (int i = 0; i < 16; i++) {
+            lo[2 * i] = (uint16_t)i; lo[2 * i + 1] = (uint16_t)(32 + i);
+            hi[2 * i] = (uint16_t)(16 + i); hi[2 * i + 1] = (uint16_t)(48 + i);
+        }
+        lo_idx = _mm512_loadu_si512(lo);
+        hi_idx = _mm512_loadu_si512(hi);
+    }
+    for (int kh = 0; kh < num_kv_heads; kh++) {
+        __m512 a[4][8];
+        for (int g = 0; g < group; g++)
+            for (int c = 0; c < 2 * chunks; c++) a[g][c] = _mm512_setzero_ps();
+        for (int t = 0; t < n; t += 2) {
+            const int second = t + 1 < n;
+            const uint16_t *v0 = v_cache + slot_of(table, t, block_size) * row + (int64_t)kh * D;
+            const uint16_t *v1 = second
+                ? v_cache + slot_of(table, t + 1, block_size) * row + (int64_t)kh * D : v0;
+            __m512bh pair[8];
+            for (int c = 0; c < chunks; c++) {
+                const __m512i x = _mm512_loadu_si512(v0 + c * 32);
+                const __m512i y = _mm512_loadu_si512(v1 + c * 32);
+                pair[2 * c] = (__m512bh)_mm512_permutex2var_epi16(x, lo_idx, y);
+                pair[2 * c + 1] = (__m512bh)_mm512_permutex2var_epi16(x, hi_idx, y);
+            }
+            for (int g = 0; g < group; g++) {
+                const float *p = probs + (int64_t)(kh * group + g) * padded + t;
+                const uint32_t w = (uint32_t)f32_to_bf16(p[0])
+                                 | (uint32_t)(second ? f32_to_bf16(p[1]) : 0) << 16;
+                const __m512bh weights = (__m512bh)_mm512_set1_epi32((int)w);
+                for (int c = 0; c < 2 * chunks; c++)
+                    a[g][c] = _mm512_dpbf16_ps(a[g][c], weights, pair[c]);
+            }
+        }
+        for (int g = 0; g < group; g++)
+            for (int c = 0; c < 2 * chunks; c++)
+                _mm512_storeu_ps(acc + (int64_t)(kh * group + g) * D + c * 16, a[g][c]);
+    }
+}
 #define HAVE_BF16_SCORES 1
 #define DECODE_SCORES_BF16(...) decode_scores_bf16(__VA_ARGS__)
+#define DECODE_VALUES_BF16(...) decode_values_bf16(__VA_ARGS__)
 #else
 #define HAVE_BF16_SCORES 0
 #define DECODE_SCORES_BF16(...) ((void)0)
+#define DECODE_VALUES_BF16(...) ((void)0)
 #endif
 
 /* One sequence. q: [Hq][D] floats, pre-scaled; acc: [Hq][D] floats, the result. qraw: the
@@ -118,6 +173,11 @@ static void NAME(const float *q, const void *k_cache, const void *v_cache,      
     }                                                                                       \
     for (int h = 0; h < num_heads; h++)                                                     \
         softmax_row(scores + (int64_t)h * padded, n, padded);                               \
+    if (HAVE_BF16_SCORES && qraw != NULL && group <= 4 && D <= 128) {                       \
+        DECODE_VALUES_BF16(scores, v_cache, table, n, num_heads, num_kv_heads, D,           \
+                           block_size, padded, acc);                                        \
+        return;                                                                             \
+    }                                                                                       \
     for (int h0 = 0; h0 < num_heads; h0 += group) {                                         \
         const int kh = h0 / group;                                                          \
         for (int g = 0; g < group; g++) {                                                   \
