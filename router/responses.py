@@ -27,6 +27,19 @@ from router.serving import ChoiceDelta, Generation, PromptStart
 from router.tool_parsers import ParseStep, ToolStream
 
 DONE = "data: [DONE]\n\n"
+# Characters JSON leaves unescaped that Python's str.splitlines() -- and so httpx's
+# aiter_lines(), which many SSE clients read with -- takes for line ends: in a sampled text
+# (a random model emits them) they cut a chunk's JSON in two on the client.
+_LINE_BREAKS_UNESCAPED = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028",
+                                        "\u2029": "\\u2029"})
+
+
+def sse_data(obj: object) -> str:
+    """One server-sent event of ``obj`` as compact JSON, on one line for every reader."""
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text.translate(_LINE_BREAKS_UNESCAPED)}\n\n"
+
+
 # JSON has no -inf; vLLM reports impossible tokens' logprob as -9999.0 too.
 _MIN_LOGPROB = -9999.0
 
@@ -174,7 +187,7 @@ class _Formatter:
                "choices": choices}
         if usage is not None:  # OpenAI sends no "usage": null on chunks without usage
             obj["usage"] = usage
-        return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+        return sse_data(obj)
 
     def start(self, ev: PromptStart, usage: dict) -> list[str]:
         """A prompt was accepted: keep its prompt logprobs; a chat stream opens each of its
@@ -280,7 +293,7 @@ async def sse_stream(gen: Generation, token_bytes: TokenBytes) -> AsyncIterator[
         except APIError as exc:
             if not sent:
                 raise
-            yield f"data: {json.dumps(exc.body())}\n\n"
+            yield sse_data(exc.body())
             yield DONE
             return
     if gen.job.include_usage:
