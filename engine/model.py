@@ -136,7 +136,8 @@ def _pack_into(module: nn.Module, name: str, packed: dict[str, torch.Tensor]) ->
     p = ops.pack_linear_weight(weight)
     if p is not None:
         packed[name] = p
-        weight.data = weight.data.new_empty(0)  # only the packed copy is read from now on
+        if not ops.keeps_row_major(weight):  # (kept: read by the 1-2 row GEMV)
+            weight.data = weight.data.new_empty(0)  # only the packed copy is read from now on
 
 
 class LlamaModel(nn.Module):

@@ -48,6 +48,8 @@ ELEMENTWISE_SOURCE = Path(__file__).with_name("cpu_elementwise.c")
 AMX_SOURCE = Path(__file__).with_name("cpu_amx_attention.c")
 HEADER = Path(__file__).with_name("cpu_vector.h")  # included by the attention sources
 AMX_FLAGS = ("-mamx-tile", "-mamx-bf16", "-mavx512bf16")
+GEMV_SOURCE = Path(__file__).with_name("cpu_gemv.c")
+GEMV_FLAGS = ("-mavx512bf16",)
 BUILD_TIMEOUT_S = 120.0
 # Prefills of fewer new tokens stay on the float32 kernel: below this, packing K/V into
 # tiles costs what the tiles save (at 64 tokens 1.1x, at 523 1.6x, at 1024 2.1x, a 32-wide
@@ -142,7 +144,51 @@ def prebuild() -> bool:
     """Build every kernel library into the cache now (an image's build stage, for
     ``$PDSERVE_KERNEL_MARCH``), the AMX one too whatever this CPU has: True if all built."""
     return all(_load(source, flags, "nothing") is not None for source, flags in (
-        (SOURCE, ()), (ELEMENTWISE_SOURCE, ("-ffp-contract=off",)), (AMX_SOURCE, AMX_FLAGS)))
+        (SOURCE, ()), (ELEMENTWISE_SOURCE, ("-ffp-contract=off",)), (AMX_SOURCE, AMX_FLAGS),
+        (GEMV_SOURCE, GEMV_FLAGS)))
+
+
+@functools.cache
+def gemv_library() -> ctypes.CDLL | None:
+    """cpu_gemv.c where the CPU has AVX512-BF16; None elsewhere (oneDNN serves)."""
+    if "avx512_bf16" not in cpu_flags():
+        return None
+    lib = _load(GEMV_SOURCE, GEMV_FLAGS, "oneDNN's linear")
+    if lib is None:
+        return None
+    fn = lib.gemv_bf16
+    fn.restype = ctypes.c_int
+    pointer, integer, long = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    fn.argtypes = (pointer, long, integer, pointer, integer, integer, pointer, pointer, long)
+    return lib
+
+
+def gemv_fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether ``gemv`` takes these: x [1 or 2, K] bf16 rows (unit stride), weight [N, K]
+    bf16 contiguous, K a multiple of 32, bias [N] bf16 or None, all on the CPU."""
+    return x.dim() == 2 and 1 <= x.shape[0] <= 2 and x.dtype is torch.bfloat16 \
+        and x.stride(1) == 1 and not x.is_cuda and weight.dim() == 2 \
+        and weight.dtype is torch.bfloat16 and weight.is_contiguous() \
+        and weight.shape[1] == x.shape[1] and x.shape[1] % 32 == 0 \
+        and (bias is None or (bias.dtype is torch.bfloat16 and bias.is_contiguous()
+                              and bias.shape == (weight.shape[0],))) \
+        and gemv_library() is not None
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+         ) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for what ``gemv_fits`` took: float32 sums of exact
+    bf16 products, rounded once (oneDNN rounds alike, summing in another order)."""
+    lib = gemv_library()
+    assert lib is not None
+    rows, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty((rows, n), dtype=torch.bfloat16)
+    status = lib.gemv_bf16(x.data_ptr(), x.stride(0), rows, weight.data_ptr(), n, k,
+                           bias.data_ptr() if bias is not None else None, out.data_ptr(), n)
+    if status != 0:
+        raise ValueError(f"gemv_bf16: refused rows={rows} k={k}")
+    return out
 
 
 @functools.cache

@@ -82,9 +82,23 @@ def fused_add_rms_norm(
     return reference.fused_add_rms_norm(x, residual, weight, eps)
 
 
+GEMV_KEEP_BYTES = 4 << 20
+
+
 def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """A weight packed once for the CPU projection (bf16), or None where nothing gains."""
     return cpu_linear.pack(weight) if use_cpu_kernels(weight) else None
+
+
+def keeps_row_major(weight: torch.Tensor) -> bool:
+    """Whether a packed weight keeps its row-major copy too, for cpu_gemv.c's decodes of
+    one or two rows: where that kernel runs, for weights of at most GEMV_KEEP_BYTES (there
+    oneDNN's fixed cost per call, 11-45 us on this project's CI CPU, is what a small
+    model's decode step spends; a larger weight's read outweighs it, and a second copy of
+    it would cost real memory)."""
+    return weight.numel() * weight.element_size() <= GEMV_KEEP_BYTES \
+        and weight.dtype is torch.bfloat16 and weight.dim() == 2 \
+        and weight.shape[1] % 32 == 0 and cpu_native.gemv_library() is not None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -94,6 +108,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     pack_linear_weight is used as is (``weight`` may then be empty); everything else is
     F.linear."""
     if packed is not None:
+        if weight.numel() and x.dim() == 2 and x.shape[0] <= 2 \
+                and cpu_native.gemv_fits(x, weight, bias):
+            return cpu_native.gemv(x, weight, bias)  # a decode of 1-2 rows: see cpu_gemv.c
         return cpu_linear.linear(x, packed, bias)
     if use_triton(x) and x.dim() == 2:
         from kernels import triton_gemv
