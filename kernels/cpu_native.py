@@ -50,9 +50,10 @@ HEADER = Path(__file__).with_name("cpu_vector.h")  # included by the attention s
 AMX_FLAGS = ("-mamx-tile", "-mamx-bf16", "-mavx512bf16")
 GEMV_SOURCE = Path(__file__).with_name("cpu_gemv.c")
 GEMV_FLAGS = ("-mavx512bf16",)
+ELEMENTWISE_FLAGS = ("-ffp-contract=off",)  # round where torch rounds
 BUILD_TIMEOUT_S = 120.0
 # Prefills of fewer new tokens stay on the float32 kernel: below this, packing K/V into
-# tiles costs what the tiles save (at 64 tokens 1.1x, at 523 1.6x, at 1024 2.1x, a 32-wide
+# tiles costs what the tiles save (at 64 tokens 1.1x, at 523 1.6x, at 1024 1.8-2.2x, a 32-wide
 # head of a 4-layer model on this repo's 2-core Sapphire Rapids: bench/RESULTS.md).
 AMX_MIN_TOKENS = 64
 
@@ -103,7 +104,7 @@ def _load(source: Path, extra_flags: tuple[str, ...], fallback: str) -> ctypes.C
 @functools.cache
 def elementwise_library() -> ctypes.CDLL | None:
     """cpu_elementwise.c, built on first use; None where it cannot be built."""
-    lib = _load(ELEMENTWISE_SOURCE, ("-ffp-contract=off",), "torch operators")
+    lib = _load(ELEMENTWISE_SOURCE, ELEMENTWISE_FLAGS, "torch operators")
     if lib is None:
         return None
     pointer, integer, long = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
@@ -144,7 +145,7 @@ def prebuild() -> bool:
     """Build every kernel library into the cache now (an image's build stage, for
     ``$PDSERVE_KERNEL_MARCH``), the AMX one too whatever this CPU has: True if all built."""
     return all(_load(source, flags, "nothing") is not None for source, flags in (
-        (SOURCE, ()), (ELEMENTWISE_SOURCE, ("-ffp-contract=off",)), (AMX_SOURCE, AMX_FLAGS),
+        (SOURCE, ()), (ELEMENTWISE_SOURCE, ELEMENTWISE_FLAGS), (AMX_SOURCE, AMX_FLAGS),
         (GEMV_SOURCE, GEMV_FLAGS)))
 
 

@@ -193,6 +193,7 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
     for (int i = 0; i < num_seqs; i++)
         if (context[i] > max_context) max_context = context[i];
     const int width = num_heads * head_dim;
+    const int bf16_dots = HAVE_BF16_SCORES && is_bf16 && head_dim % 32 == 0 && bf16_scores;
     float *scores = malloc((size_t)num_heads * ((max_context + 15) / 16 * 16) * sizeof(float));
     float *qf = malloc((size_t)width * sizeof(float));
     float *acc = malloc((size_t)width * sizeof(float));
@@ -202,9 +203,10 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
     }
     for (int i = 0; i < num_seqs; i++) {
         const int64_t base = (int64_t)i * width;
-        for (int j = 0; j < width; j++)
-            qf[j] = scale * (is_bf16 ? bf16_to_f32(((const uint16_t *)q)[base + j])
-                                     : ((const float *)q)[base + j]);
+        if (!bf16_dots)  /* (the bf16 dot path reads q as it is) */
+            for (int j = 0; j < width; j++)
+                qf[j] = scale * (is_bf16 ? bf16_to_f32(((const uint16_t *)q)[base + j])
+                                         : ((const float *)q)[base + j]);
         const int32_t *table = tables + (int64_t)i * table_stride;
         void (*attend)(const float *, const void *, const void *, const int32_t *, int, int,
                        int, int, int, int, float *, float *, const uint16_t *, float) =
@@ -213,8 +215,7 @@ int paged_decode_attention(const void *q, const void *k_cache, const void *v_cac
         if (context[i] > 0)
             attend(qf, k_cache, v_cache, table, context[i], num_heads, num_kv_heads, head_dim,
                    block_size, is_bf16, scores, acc,
-                   is_bf16 && head_dim % 32 == 0 && bf16_scores
-                       ? (const uint16_t *)q + base : NULL, scale);
+                   bf16_dots ? (const uint16_t *)q + base : NULL, scale);
         else
             memset(acc, 0, (size_t)width * sizeof(float));
         if (is_bf16) {

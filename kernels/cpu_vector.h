@@ -70,43 +70,32 @@ static inline v16 vmax16(v16 a, v16 b) {  /* (C has no vector ?:, so a bitwise b
  * 2^f to degree 7: relative error below 1e-8 before float rounding). Inputs below -87
  * count as -87 (the caller zeroes the keys a row must not see). Written in vector types:
  * a scalar version with floorf and a union kept GCC from vectorizing the loop around it. */
-static inline v16 exp16(v16 x) {
+static const float EXP2_SERIES[8] = {
+    1.5252733804059838e-05f, 1.5403530393381606e-04f, 1.3333558146428441e-03f,
+    9.618129107628477e-03f, 5.5504108664821576e-02f, 2.402265069591007e-01f,
+    6.931471805599453e-01f, 1.0f};
+
+/* The series from term ``first`` of EXP2_SERIES on (0: degree 7; constant at every call,
+ * so the loop unrolls into the same multiply-adds as written out). */
+static inline v16 exp16_series(v16 x, int first) {
     x = vmax16(x, (v16){0} - 87.0f);
     v16 t = x * 1.44269504088896341f;
     v16 n = (t + 12582912.0f) - 12582912.0f;  /* round to nearest: 1.5 * 2^23 */
     v16 f = t - n;
-    v16 p = (v16){0} + 1.5252733804059838e-05f;
-    p = p * f + 1.5403530393381606e-04f;
-    p = p * f + 1.3333558146428441e-03f;
-    p = p * f + 9.618129107628477e-03f;
-    p = p * f + 5.5504108664821576e-02f;
-    p = p * f + 2.402265069591007e-01f;
-    p = p * f + 6.931471805599453e-01f;
-    p = p * f + 1.0f;
+    v16 p = (v16){0} + EXP2_SERIES[first];
+    for (int i = first + 1; i < 8; i++) p = p * f + EXP2_SERIES[i];
     i32x16 e = (__builtin_convertvector(n, i32x16) + 127) << 23;
     v16 scale;
     memcpy(&scale, &e, sizeof scale);
     return p * scale;
 }
 
-/* exp(x) for results that are then rounded to bf16 (8 bits of mantissa): as exp16 with the
- * series cut at degree 4 (relative error below 5e-5, a fortieth of bf16's rounding step),
- * three multiply-adds fewer per 16 lanes in the softmax that bounds AMX prefill. */
-static inline v16 exp16_coarse(v16 x) {
-    x = vmax16(x, (v16){0} - 87.0f);
-    v16 t = x * 1.44269504088896341f;
-    v16 n = (t + 12582912.0f) - 12582912.0f;
-    v16 f = t - n;
-    v16 p = (v16){0} + 9.618129107628477e-03f;
-    p = p * f + 5.5504108664821576e-02f;
-    p = p * f + 2.402265069591007e-01f;
-    p = p * f + 6.931471805599453e-01f;
-    p = p * f + 1.0f;
-    i32x16 e = (__builtin_convertvector(n, i32x16) + 127) << 23;
-    v16 scale;
-    memcpy(&scale, &e, sizeof scale);
-    return p * scale;
-}
+static inline v16 exp16(v16 x) { return exp16_series(x, 0); }
+
+/* exp(x) for results that are then rounded to bf16 (8 bits of mantissa): the series cut at
+ * degree 4 (relative error below 5e-5, a fortieth of bf16's rounding step), three
+ * multiply-adds fewer per 16 lanes in the softmax that bounds AMX prefill. */
+static inline v16 exp16_coarse(v16 x) { return exp16_series(x, 3); }
 
 static inline float hmax16(v16 x) {
     float m = x[0];

@@ -108,8 +108,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     pack_linear_weight is used as is (``weight`` may then be empty); everything else is
     F.linear."""
     if packed is not None:
-        if weight.numel() and x.dim() == 2 and x.shape[0] <= 2 \
-                and cpu_native.gemv_fits(x, weight, bias):
+        if weight.numel() and cpu_native.gemv_fits(x, weight, bias):
             return cpu_native.gemv(x, weight, bias)  # a decode of 1-2 rows: see cpu_gemv.c
         return cpu_linear.linear(x, packed, bias)
     if use_triton(x) and x.dim() == 2:
