@@ -39,16 +39,69 @@ def check_greedy(tmp: Path) -> list[str]:
     for arch in ("llama", "qwen2", "mistral"):
         d = make_model(tmp / arch, arch=arch)
         cpu = [o.outputs[0].token_ids for o in LLM(d).generate(prompts, params)]
-        for graphs in (True, False):
+        for graphs, overlap in ((True, True), (True, False), (False, True)):
             llm = LLM(d, device="cuda", max_num_batched_tokens=64, cuda_graphs=graphs,
-                      num_kv_blocks=1024)
+                      num_kv_blocks=1024, async_scheduling=overlap)
             gpu = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
             same = sum(a == b for a, b in zip(cpu, gpu, strict=False))
-            rows.append(f"| {arch} | graphs={graphs} | {same}/{len(prompts)} prompts x 64 "
-                        f"tokens equal the CPU path |")
+            rows.append(f"| {arch} | graphs={graphs} async={overlap} | {same}/{len(prompts)} "
+                        "prompts x 64 tokens equal the CPU path |")
             print(rows[-1], flush=True)
             assert same == len(prompts), f"{arch} graphs={graphs}: GPU tokens differ from CPU"
-    return rows
+    rows += check_async_sampled(tmp / "llama", prompts)
+    return [check_gate(), *rows]
+
+
+def check_gate() -> str:
+    """engine.stream_gate on this card: work queued behind a gate waits for ``open``."""
+    import time
+
+    from engine.stream_gate import StreamGate
+
+    gate = StreamGate.create(torch.device("cuda"))
+    assert gate is not None, "no stream memory operations on this card"
+    x = torch.ones(1 << 20, device="cuda")
+    torch.cuda.synchronize()
+    ticket = gate.ticket()
+    gate.hold(ticket)
+    x.mul_(2)
+    done = torch.cuda.Event()
+    done.record()
+    time.sleep(0.05)
+    held = not done.query()
+    gate.open(ticket)
+    done.synchronize()
+    row = (f"| - | stream gate | work behind a closed gate {'waited' if held else 'DID NOT wait'}"
+           f"; after open: {float(x[0])} (2.0 expected) |")
+    print(row, flush=True)
+    assert held and float(x[0]) == 2.0
+    return row
+
+
+def check_async_sampled(model: Path, prompts: list[list[int]]) -> list[str]:
+    """Seeded sampling (penalties, n = 3, a JSON schema) on the GPU: async scheduling on
+    gives the tokens of async scheduling off."""
+    from engine.structured_spec import StructuredOutputSpec
+
+    schema = {"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 10}, "n": {"type": "integer"},
+        "kind": {"enum": ["a", "bb", "ccc"]}}, "required": ["name", "n", "kind"],
+        "additionalProperties": False}
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=48, n=3 if i % 3 == 0 else 1,
+                             repetition_penalty=1.2 if i % 2 else 1.0,
+                             structured_outputs=StructuredOutputSpec.json_schema(schema)
+                             if i % 4 == 1 else None)
+              for i in range(len(prompts))]
+    runs = []
+    for overlap in (False, True):
+        llm = LLM(model, device="cuda", num_kv_blocks=1024, async_scheduling=overlap)
+        runs.append([[o.token_ids for o in r.outputs] for r in llm.generate(prompts, params)])
+    same = sum(a == b for a, b in zip(*runs, strict=True))
+    row = (f"| llama | seeded sampling, penalties, n=3, JSON schema | {same}/{len(prompts)} "
+           "requests: async scheduling on = off |")
+    print(row, flush=True)
+    assert same == len(prompts), "async scheduling changed seeded tokens on the GPU"
+    return [row]
 
 
 def copy_bandwidth() -> float:
@@ -177,6 +230,8 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true",
                     help="only print the per-kernel time of a batch-1 decode step")
     ap.add_argument("--gemv", default=None, help="bench/gpu_gemv.py's JSON: use its choice")
+    ap.add_argument("--checks-only", action="store_true",
+                    help="only the token checks (CPU path, graphs, async scheduling)")
     args = ap.parse_args()
     from kernels import triton_gemv
     if args.gemv:
@@ -195,6 +250,8 @@ def main() -> int:
     print(f"device: {name}, torch {torch.__version__}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         greedy = check_greedy(Path(tmp))
+    if args.checks_only:
+        return 0
     bw = copy_bandwidth()
     print(f"copy bandwidth: {bw / 1e12:.2f} TB/s (read + write)", flush=True)
     limit = triton_gemv.MAX_WEIGHT_ELEMENTS

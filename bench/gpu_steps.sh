@@ -7,6 +7,7 @@
 # install` makes them); they stay installed while the machine is held.
 #   model       make the random bf16 Llama-3-8B-shaped model in /tmp/m8b (on the GPU)
 #   structured  issue 14: sampler per step, decode tok/s with a JSON schema vs unconstrained
+#   checks      GPU greedy tokens = the CPU path's (graphs, async scheduling on and off)
 #   cuda-tests  the connectors' and the tier's CUDA tests
 #   transfer    issue 9: bench/kv_transfer.py, nccl / ucx / ucx-packed vs raw NCCL and copy
 #               (KINDS=nccl without NIXL carried)
@@ -43,11 +44,16 @@ for step in "${@:-transfer}"; do
         --vocab 128256 --dtype bfloat16 --device cuda 2>&1 | tail -1
       for sw in ${SWITCH:-0.0005}; do  # GIL switch intervals, seconds (a pod's: 0.0005)
         python3 bench/structured_bench.py --model /tmp/m1b --device cuda --dtype bfloat16 \
-          --batches "${BATCHES:-1,32}" --max-tokens 128 --repeat 2 \
-          --fill "${FILL:-worker,after-launch}" --phases --fill-threads "${FILL_THREADS:-1}" \
-          --switch-interval "$sw" --torch-profile "$OUT/structured_kernels_$sw.txt" 2>&1 \
+          --batches "${BATCHES:-1,32}" --max-tokens 128 --repeat "${REPEAT:-2}" \
+          --fill "${FILL:-worker}" --fill-threads "${FILL_THREADS:-1}" \
+          --async-scheduling "${ASYNC:-on,off}" $([ "${PHASES:-0}" = 1 ] && echo --phases) \
+          --switch-interval "$sw" $([ "${PROFILE:-0}" = 1 ] && echo --torch-profile \
+          "$OUT/structured_kernels_$sw.txt") 2>&1 \
           | tee "$OUT/structured_gpu_$sw.txt"
       done
+      ;;
+    checks)  # greedy GPU tokens = the CPU path's, graphs and async scheduling on/off
+      python3 bench/gpu_engine.py --checks-only 2>&1 | tee "$OUT/gpu_checks.txt"
       ;;
     cuda-tests)
       python3 -m pytest -q -p no:cacheprovider tests/kv_transfer/test_kv_cuda.py \

@@ -71,6 +71,7 @@ class Phases:
         engine.runner.execute = self._timed(  # type: ignore[method-assign]
             "launch", engine.runner.execute, gpu=True)
         llm_engine.sample_rows = self._timed("sample", llm_engine.sample_rows, gpu=True)
+        llm_engine.draw_rows = self._timed("sample", llm_engine.draw_rows, gpu=True)
         StepMasks.wait = self._timed("wait", StepMasks.wait)  # type: ignore[method-assign]
         # the step's timeline: when each phase began and ended on the host and on the
         # device, from the step's start (the bench syncs before each step)
@@ -160,11 +161,17 @@ def _run(engine: LLMEngine, batch: int, max_tokens: int, constrained: bool, tag:
                                 ignore_eos=not constrained, structured_outputs=spec)
         engine.add_request(f"{tag}-{i}", [rng.randrange(vocab) for _ in range(32)], params)
     seconds, tokens, steps = 0.0, 0, 0
+    seen: dict[tuple[str, int], int] = collections.Counter()
+    was_decoding = False
     while engine.has_work():
         decoding = all(s.num_output_tokens > 0 for s in engine.scheduler.running) \
             and not engine.scheduler.waiting and len(engine.scheduler.running) == batch
-        if engine.runner.device.type == "cuda":
+        # A sync before each step makes the phases' timeline start from an idle device;
+        # without --phases only before the first decode step (async scheduling would let
+        # the prefill's tail run into it), so steps may overlap as they do when served.
+        if engine.runner.device.type == "cuda" and (phases is not None or not was_decoding):
             torch.cuda.synchronize()
+        was_decoding = decoding
         mark = phases.mark() if phases is not None else None
         if phases is not None:
             phases.begin_step()
@@ -173,10 +180,16 @@ def _run(engine: LLMEngine, batch: int, max_tokens: int, constrained: bool, tag:
         elapsed = time.perf_counter() - start
         if phases is not None and mark is not None and not decoding:
             phases.drop_since(mark)
+        new = 0  # every token but each sequence's first (the prefill's, with or without
+        for out in outputs:  # async scheduling, which hands it over a step later)
+            for d in out.deltas:
+                key = (out.request_id, d.index)
+                new += len(d.token_ids) - (seen[key] == 0 and len(d.token_ids) > 0)
+                seen[key] += len(d.token_ids)
         if decoding:
             seconds += elapsed
             steps += 1
-            tokens += sum(len(d.token_ids) for out in outputs for d in out.deltas)
+            tokens += new
     return seconds, tokens, steps
 
 
@@ -202,6 +215,9 @@ def main() -> None:
                     help="comma-separated llguidance thread counts for fills of up to 32 rows")
     ap.add_argument("--phases", action="store_true",
                     help="also print host ms per engine phase and the forward's GPU ms")
+    ap.add_argument("--async-scheduling", default="on,off",
+                    help="comma-separated: on (launch each step before the last step's "
+                    "tokens reach the host, the GPU default), off")
     ap.add_argument("--switch-interval", type=float, default=None,
                     help="Python's GIL switch interval in seconds (default: a GPU pod's, "
                     f"{GPU_POD_SWITCH_INTERVAL_S}, on CUDA; Python's own on a CPU)")
@@ -225,13 +241,17 @@ def main() -> None:
     phases = Phases(engine) if args.phases else None
     breakdown: list[tuple[str, int, str, dict[str, float]]] = []
     timelines: list[tuple[str, list[str]]] = []
-    for fill, batch in ((f"{f}/{t}" if "," in args.fill_threads else f, int(b))
-                        for f in args.fill.split(",") for t in args.fill_threads.split(",")
-                        for b in args.batches.split(",")):
-        engine.structured.fill_inline = fill.startswith("inline")
-        engine.structured.fill_after_launch = fill.startswith("after-launch")
-        engine.structured.handoff_timeout_s = 0.0 if "-nowait" in fill else HANDOFF_TIMEOUT_S
-        threads = int(fill.partition("/")[2] or args.fill_threads)
+    for overlap, fill, batch in (
+            (a == "on", f"{f}/{t}" if "," in args.fill_threads else f, int(b))
+            for a in args.async_scheduling.split(",") for f in args.fill.split(",")
+            for t in args.fill_threads.split(",") for b in args.batches.split(",")):
+        engine.async_scheduling = overlap
+        fill_mode, fill = fill, f"{fill}, async" if overlap else fill
+        engine.structured.fill_inline = fill_mode.startswith("inline")
+        engine.structured.fill_after_launch = fill_mode.startswith("after-launch")
+        engine.structured.handoff_timeout_s = (0.0 if "-nowait" in fill_mode
+                                               else HANDOFF_TIMEOUT_S)
+        threads = int(fill_mode.partition("/")[2] or args.fill_threads)
         if threads != engine.structured.small_fill_threads:
             engine.structured.small_fill_threads = threads
             engine.structured._executor_one = None  # made again with that many threads

@@ -55,9 +55,10 @@ class AsyncEngine:
         # (gRPC, one message per step) then takes the GIL while the engine thread waits for
         # the device, not while it schedules and prepares the next step. On a CPU the
         # forward is done when execute returns, so deferring would only add a step of
-        # latency. (None: decide by the device.)
-        self._defer = (engine.runner.device.type == "cuda" if defer_delivery is None
-                       else defer_delivery)
+        # latency; and with async scheduling a step returns with the next one's work on
+        # the device already, its outputs built from the step before. (None: decide.)
+        self._defer = (engine.runner.device.type == "cuda" and not engine.async_scheduling
+                       if defer_delivery is None else defer_delivery)
         self._pending: list[tuple[str, RequestOutput | BaseException]] = []
         # Deferred, a step's outputs are even built (collect_outputs: a Python pass over the
         # batch) only at the next launch, while the device runs; True while they wait.

@@ -38,6 +38,9 @@ class EngineArgs:
     enable_prefix_caching: bool = field(default=True, metadata=_doc(
         "reuse the KV of prompt prefixes computed before"))
     cuda_graphs: bool = field(default=True, metadata=_doc("capture decode steps in CUDA graphs"))
+    async_scheduling: bool | None = field(default=None, metadata=_doc(
+        "launch each step before the last step's tokens reach the host "
+        "(engine/step_pipeline.py; default: on a GPU, not on a CPU)"))
     seed: int = field(default=0, metadata=_doc("seed of requests that have none of their own"))
     cpu_threads: int | None = field(default=None, metadata=_doc(
         "CPU intra-op threads of this process (default: on CPU torch's, every core, and "

@@ -41,10 +41,12 @@ from engine.kv_layout import KVLayout, KVMemory, num_blocks_for
 from engine.model_runner import ModelRunner
 from engine.prefix_hash import chain_seed
 from engine.requests import EngineLimits, Request, RequestOutput, SequenceDelta
-from engine.sampler import sample_rows
+from engine.sampler import RowSamplingError, draw_rows, sample_rows
 from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledBatch, Scheduler
+from engine.scheduler import BlockHold, ScheduledBatch, Scheduler
 from engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
+from engine.step_pipeline import PLACEHOLDER, AllOf, InFlight, StepFence, can_defer
+from engine.stream_gate import StreamGate
 from engine.structured_output import StructuredOutputs
 from engine.tier_cache import TierCache
 
@@ -82,6 +84,14 @@ class LLMEngine:
         # called once a step's forward is launched, before the engine waits for it
         # (AsyncEngine delivers the previous step's outputs then, on a GPU)
         self.after_launch: Callable[[], None] | None = None
+        # async scheduling (engine/step_pipeline.py): the step whose tokens are still on
+        # the device, and the device work up to the latest forward
+        self.async_scheduling = (args.async_scheduling if args.async_scheduling is not None
+                                 else self.runner.device.type == "cuda")
+        self._inflight: InFlight | None = None
+        self._fence = StepFence()
+        if self.async_scheduling:
+            self.structured.gate = StreamGate.create(self.runner.device)
 
     @property
     def layout(self) -> KVLayout:
@@ -256,7 +266,8 @@ class LLMEngine:
 
     def has_work(self) -> bool:
         """True while a step would compute something or report something."""
-        return self.scheduler.has_work() or any(r.pending for r in self.requests.values())
+        return (self._inflight is not None or self.scheduler.has_work()
+                or any(r.pending for r in self.requests.values()))
 
     def housekeeping(self) -> list[str]:
         """Between steps: free blocks whose transfers are finished, and end requests whose
@@ -283,8 +294,11 @@ class LLMEngine:
         fails its request; a forward that raises is retried one sequence at a time, so the
         sequence that makes it raise fails and the others go on (``take_failures``)."""
         self.flush_tier_stores()  # before schedule() may hand their blocks out again
+        if self._inflight is not None and self._inflight.surely_ending():
+            self._resolve()  # no row computed only to be thrown away
         batch = self.scheduler.schedule()
         if not batch.seqs:  # e.g. a remote prefill whose first token ended it
+            self._resolve()
             return self.collect_outputs() if collect else []
         self.num_steps += 1
         started = time.monotonic()
@@ -296,6 +310,7 @@ class LLMEngine:
         try:
             self._forward_and_sample(batch, announced)
         except Exception as exc:
+            self._resolve()  # the step before, if its tokens were still on the device
             if len(batch.seqs) == 1:
                 self._fail(batch.seqs[0].request_id, exc)
             else:
@@ -305,39 +320,51 @@ class LLMEngine:
                     if single.seqs[0].is_finished:  # its request failed with a sibling
                         continue
                     try:
-                        self._forward_and_sample(single, announced)
+                        self._forward_and_sample(single, announced, defer=False)
                     except Exception as one:
                         self._fail(single.seqs[0].request_id, one)
         return self.collect_outputs() if collect else []
 
-    def _forward_and_sample(self, batch: ScheduledBatch, announced: set[tuple[str, int]]
-                            ) -> None:
+    def _forward_and_sample(self, batch: ScheduledBatch, announced: set[tuple[str, int]],
+                            defer: bool = True) -> None:
         """Raises only before any sequence advanced (the forward); after it, a row's error
-        fails that row's request."""
-        early = not self.structured.fill_after_launch
+        fails that row's request. With async scheduling the step before may still have its
+        tokens on the device: they feed this forward and are resolved once it is launched;
+        this step's own tokens may stay there in turn (``defer``)."""
+        inflight = self._inflight
+        early = not self.structured.fill_after_launch and inflight is None
         masks = self.structured.begin(batch.seqs, batch.num_new_tokens) if early else None
         plp = prompt_logprobs.plan(batch.seqs, batch.num_new_tokens, self.runner.model.logits)
         if self.tier is not None:
             for seq in batch.seqs:
                 self.tier.note_scheduled(seq)
         logits, row_seq = self.runner.execute(batch, self._kv_hook(batch, announced),
-                                              plp.capture if plp is not None else None)
-        if not early:  # the fill starts under the forward just launched
-            masks = self.structured.begin(batch.seqs, batch.num_new_tokens)
+                                              plp.capture if plp is not None else None,
+                                              inflight.feed if inflight is not None else None)
+        self._fence = StepFence.now(self.runner.device)  # after this forward's launch
         if self.after_launch is not None:
             self.after_launch()
+        self._resolve()  # the last step's tokens, while this forward runs
+        if not early:  # the fill starts under the forward just launched
+            masks = self.structured.begin(batch.seqs, batch.num_new_tokens)
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=False):
+            if seq.is_finished:  # ended by the token just resolved: its row is dropped
+                continue
             seq.num_computed_tokens += n
             self.scheduler.register_full_blocks(seq)
             if self.tier is not None:
                 self.tier.note_computed(seq)
         to_sample: list[Sequence] = []
         rows: list[int] = []
+        forked = False
         for row, j in enumerate(row_seq):
             seq = batch.seqs[j]
+            if seq.is_finished:
+                continue
             req = self.requests[seq.request_id]
             if seq.num_output_tokens == 0 and req.params.n > 1 and len(req.seqs) == 1:
                 # n > 1: each sequence samples its own first token from the prompt's logits
+                forked = True
                 if seq.prefill_only:  # nothing decodes here: children need no blocks
                     children = [self._child(seq, i) for i in range(1, req.params.n)]
                     for child in children:
@@ -353,19 +380,61 @@ class LLMEngine:
                 rows.append(row)
         if not to_sample:
             return
-        drawn_rows = sample_rows(logits, rows, to_sample, self.eos_token_ids, masks)
-        for seq, drawn in zip(to_sample, drawn_rows, strict=True):
+        if defer and self.async_scheduling and can_defer(to_sample, forked, plp is not None):
+            try:
+                drawn = draw_rows(logits, rows, to_sample, self.eos_token_ids, masks,
+                                  wait_masks=False)
+            except Exception:
+                log.exception("sampling %d rows failed: sampling them one at a time",
+                              len(to_sample))
+                if masks is not None:
+                    masks.settle()  # its gate, if the device already waits on it
+            else:
+                for seq in to_sample:
+                    seq.token_ids.append(PLACEHOLDER)
+                self._inflight = InFlight(to_sample, drawn, masks)
+                return
+        self._append_rows(to_sample, sample_rows(logits, rows, to_sample, self.eos_token_ids,
+                                                 masks))
+        if masks is not None:
+            self.structured.prefetch(to_sample)  # the next step's masks, from now on
+
+    def _resolve(self) -> None:
+        """Append the tokens of the step left on the device, if any (waits for them)."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return
+        for seq in inflight.seqs:
+            if seq.token_ids and seq.token_ids[-1] == PLACEHOLDER:
+                seq.token_ids.pop()
+        # first: a device waiting for these masks (engine/stream_gate.py) must be let on
+        fill_error = inflight.masks.settle() if inflight.masks is not None else None
+        drawn: list[tuple[int, TokenLogprob | None] | Exception]
+        try:
+            drawn = list(inflight.drawn.result())
+        except RowSamplingError as exc:  # NaN rows fail alone; the others' tokens stand
+            bad = set(exc.rows)
+            tokens = exc.tokens or []
+            drawn = [exc if i in bad else (tokens[i], None) for i in range(len(tokens))]
+        except Exception as exc:
+            drawn = [exc] * len(inflight.seqs)
+        if fill_error is not None:  # the constrained rows were drawn without their masks
+            drawn = [fill_error if s.params.structured_outputs is not None else d
+                     for s, d in zip(inflight.seqs, drawn, strict=True)]
+        self._append_rows(inflight.seqs, drawn)
+
+    def _append_rows(self, seqs: list[Sequence],
+                     drawn_rows: list[tuple[int, TokenLogprob | None] | Exception]) -> None:
+        for seq, drawn in zip(seqs, drawn_rows, strict=True):
             owner = self.requests.get(seq.request_id)
             if owner is None or seq.is_finished:
-                continue  # its request failed at an earlier row
+                continue  # its request failed at an earlier row, or ended meanwhile
             try:
                 if isinstance(drawn, Exception):
                     raise drawn
                 self._append(owner, seq, *drawn)
             except Exception as exc:
                 self._fail(seq.request_id, exc)
-        if masks is not None:
-            self.structured.prefetch(to_sample)  # the next step's masks, from now on
 
     def _fail(self, request_id: str, exc: Exception) -> None:
         """End a request whose computation raised, freeing its blocks; its caller learns why
@@ -449,8 +518,13 @@ class LLMEngine:
             send.transfer.cancel()
         if self.tier is not None:
             self.tier.drop(seq)
-        # A prefill pod's blocks stay held while its connector may still read them.
-        self.scheduler.finish(seq, hold=send.transfer if send is not None else None)
+        # A prefill pod's blocks stay held while its connector may still read them, and
+        # any sequence's while a launched forward may still use them (async scheduling:
+        # another stream -- a connector's receive, the KV tier -- must not write them first).
+        hold: BlockHold | None = send.transfer if send is not None else None
+        if not self._fence.finished():
+            hold = self._fence if hold is None else AllOf(hold, self._fence)
+        self.scheduler.finish(seq, hold=hold)
 
     def collect_outputs(self) -> list[RequestOutput]:
         """What requests gained since the last call (step() calls it too)."""

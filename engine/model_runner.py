@@ -16,6 +16,7 @@ from engine.device import resolve_dtype, set_cpu_threads
 from engine.kv_layout import DTYPES, KVLayout, KVMemory, num_blocks_for
 from engine.model import AttentionMetadata, LlamaModel, rope_cos_sin_cache
 from engine.scheduler import ScheduledBatch
+from engine.step_pipeline import TokenFeed
 from kernels import cpu_native
 
 _GPU_HEADROOM_BYTES = 2 << 30
@@ -95,7 +96,9 @@ class ModelRunner:
                 budget = 256 << 20  # CPU default: 256 MiB of KV
         return max(budget // per_block, 1)
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+    def prepare(self, batch: ScheduledBatch, feed: TokenFeed | None = None) -> StepInputs:
+        """The step's inputs on the device; ``feed``: input ids still on the device (async
+        scheduling), written over their placeholders there."""
         bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []
@@ -104,8 +107,14 @@ class ModelRunner:
         cu = [0]
         rows: list[int] = []
         row_seq: list[int] = []
+        fed: list[int] = []  # flat indices of placeholders, then their rows of feed.tokens
+        fed_rows: list[int] = []
         for j, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=False)):
             start = seq.num_computed_tokens
+            if feed is not None and seq.seq_id in feed.rows \
+                    and start <= seq.num_tokens - 1 < start + n:
+                fed.append(cu[-1] + seq.num_tokens - 1 - start)
+                fed_rows.append(feed.rows[seq.seq_id])
             if n == 1:  # a decode token: the common case, without the loop's overhead
                 ids.append(seq.token_ids[start])
                 pos.append(start)
@@ -131,26 +140,31 @@ class ModelRunner:
         tables = small[2 * b + 1:].reshape(b, width)
         for row, s in zip(tables, batch.seqs, strict=True):
             row[:len(s.block_ids)] = s.block_ids
-        i64 = torch.from_numpy(np.array(ids + pos + slots + rows, dtype=np.int64)
-                               ).to(self.device)
+        i64 = torch.from_numpy(np.array(ids + pos + slots + rows + fed + fed_rows,
+                                        dtype=np.int64)).to(self.device)
         i32 = torch.from_numpy(small).to(self.device)
+        if fed:
+            assert feed is not None
+            at, k = 3 * t + len(rows), len(fed)
+            i64[:t].index_copy_(0, i64[at:at + k], feed.tokens.index_select(0, i64[at + k:]))
         attn = AttentionMetadata(
             slot_mapping=i64[2 * t:3 * t], block_tables=i32[2 * b + 1:].view(b, width),
             context_lens=i32[:b], cu_seqlens_q=i32[b:2 * b + 1],
             is_decode=all(n == 1 for n in batch.num_new_tokens),
             max_q_len=max(batch.num_new_tokens))
-        return StepInputs(i64[:t], i64[t:2 * t], attn, i64[3 * t:], row_seq)
+        return StepInputs(i64[:t], i64[t:2 * t], attn, i64[3 * t:3 * t + len(rows)], row_seq)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch,
                 layer_hook: Callable[[int], None] | None = None,
                 hidden_hook: Callable[[torch.Tensor], None] | None = None,
-                ) -> tuple[torch.Tensor, list[int]]:
+                feed: TokenFeed | None = None) -> tuple[torch.Tensor, list[int]]:
         """Runs one step; returns (logits [rows, vocab] float32, batch index of each row).
-        hidden_hook gets the final hidden states of every row (prompt logprobs)."""
+        hidden_hook gets the final hidden states of every row (prompt logprobs); feed: the
+        input ids still on the device (``prepare``)."""
         for src, dst in batch.block_copies:
             self.copy_block(src, dst)
-        inputs = self.prepare(batch)
+        inputs = self.prepare(batch, feed)
         if (self.graphs is not None and layer_hook is None and hidden_hook is None
                 and inputs.attn.is_decode
                 and self.graphs.padded_size(len(batch.seqs)) is not None):

@@ -52,17 +52,21 @@ _NEG_INF = float("-inf")
 class RowSamplingError(PdserveError):
     """Rows of a batch that cannot be sampled (their model logits hold NaN)."""
 
-    def __init__(self, message: str, rows: list[int]) -> None:
+    def __init__(self, message: str, rows: list[int], tokens: list[int] | None = None
+                 ) -> None:
         super().__init__(message)
         self.rows = rows
+        self.tokens = tokens  # every row's token (those of ``rows`` meaningless)
 
 
 class TokenMasks(Protocol):
     """Allowed-token bitmasks for the rows of a batch (engine.structured_output)."""
 
-    def bitmask(self, seqs: Seq[Sequence], device: torch.device) -> torch.Tensor | None:
+    def bitmask(self, seqs: Seq[Sequence], device: torch.device, wait: bool = True
+                ) -> torch.Tensor | None:
         """[len(seqs), ceil(vocab / 32)] int32, bit t of a row set = token t allowed
-        (unconstrained rows all ones); None when no row is constrained."""
+        (unconstrained rows all ones); None when no row is constrained. ``wait=False``:
+        the rows may still be being filled, if the device waits for them instead."""
         ...
 
 
@@ -239,13 +243,44 @@ def _draw_full(scaled: torch.Tensor, rows: _Rows, uniform: torch.Tensor,
     return torch.where(pick, drawn_sorted, drawn), torch.where(pick, ok_sorted, ok)
 
 
-def sample(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: Seq[int],
-           masks: TokenMasks | None = None) -> list[tuple[int, TokenLogprob | None]]:
+@dataclass(slots=True)
+class DrawnTokens:
+    """A batch's tokens, drawn on the device and on their way to the host.
+
+    ``tokens`` can feed the next step's inputs at once (engine.step_pipeline); ``result``
+    waits for the host copy."""
+
+    tokens: torch.Tensor  # [rows] int64, on the logits' device
+    host: torch.Tensor  # [2, rows]: the tokens and a NaN flag per row (pinned on a GPU)
+    ready: torch.cuda.Event | None  # recorded after the copy to ``host`` (GPU only)
+    raw_logprobs: torch.Tensor | None
+    want: list[int | None]  # each row's logprobs count (None: none)
+
+    def result(self) -> list[tuple[int, TokenLogprob | None]]:
+        """The tokens (and logprobs); raises RowSamplingError, naming the rows, if the
+        model's logits of some rows hold NaN (the other rows' tokens are in it: a row is
+        drawn the same whatever else is in its batch)."""
+        if self.ready is not None:
+            self.ready.synchronize()  # waits with the GIL released
+        token_list, bad = self.host.tolist()
+        if any(bad):
+            rows_bad = [i for i, b in enumerate(bad) if b]
+            raise RowSamplingError(f"the model's logits hold NaN for {len(rows_bad)} row(s)",
+                                   rows_bad, token_list)
+        if self.raw_logprobs is None:
+            return [(t, None) for t in token_list]
+        return list(zip(token_list, _logprobs(self.raw_logprobs, self.tokens, token_list,
+                                              self.want), strict=True))
+
+
+def draw(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: Seq[int],
+         masks: TokenMasks | None = None, wait_masks: bool = True) -> DrawnTokens:
     """logits: [len(seqs), vocab] float32, one row per sequence to sample for; they may be
-    modified in place (penalties, masks).
+    modified in place (penalties, masks). Queues the whole draw and returns without
+    waiting for the device.
 
     Logprobs are those of the raw model logits (before penalties, masks and temperature),
-    as vLLM reports them by default.
+    as vLLM reports them by default. ``wait_masks=False``: see TokenMasks.bitmask.
     """
     vocab = logits.shape[1]
     rows = _Rows.of(seqs, vocab)
@@ -258,7 +293,7 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: Seq[int],
         apply_penalties(logits, seqs, eos_ids)
     # The grammar masks are waited for only now, with the work that does not need them
     # already queued behind the forward (their fill runs on a worker meanwhile).
-    bitmask = masks.bitmask(seqs, logits.device) if masks is not None else None
+    bitmask = masks.bitmask(seqs, logits.device, wait_masks) if masks is not None else None
     if bitmask is not None and not rows.any_min_tokens:
         apply_bitmask(logits, open_empty_rows(bitmask, vocab))
     elif rows.any_min_tokens or bitmask is not None:
@@ -270,28 +305,39 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: Seq[int],
         revive_dead_rows(logits, before, bitmask, rows.any_min_tokens)
     greedy = torch.argmax(logits, dim=-1)
     tokens = _draw(logits, rows, greedy) if rows.any_random else greedy
-    # .cpu() waits for the device with the GIL released (a binding of its own), so the
-    # pod's event loop runs during the wait: the step's one sync
-    token_list, bad = torch.stack([tokens, nan_rows.long()]).cpu().tolist()
-    if any(bad):
-        rows_bad = [i for i, b in enumerate(bad) if b]
-        raise RowSamplingError(f"the model's logits hold NaN for {len(rows_bad)} row(s)",
-                               rows_bad)
-    if raw_logprobs is None:
-        return [(t, None) for t in token_list]
-    return list(zip(token_list, _logprobs(raw_logprobs, tokens, token_list, want),
-                    strict=True))
+    both = torch.stack([tokens, nan_rows.long()])
+    if logits.device.type != "cuda":
+        return DrawnTokens(tokens, both, None, raw_logprobs, want)
+    # one copy into pinned memory, queued like a kernel: the host learns the tokens when
+    # it asks (DrawnTokens.result), and the next step may be launched before that
+    host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+    host.copy_(both, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return DrawnTokens(tokens, host, ready, raw_logprobs, want)
+
+
+def sample(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: Seq[int],
+           masks: TokenMasks | None = None) -> list[tuple[int, TokenLogprob | None]]:
+    """``draw`` and wait for its tokens: the step's one sync."""
+    return draw(logits, seqs, eos_ids, masks).result()
+
+
+def draw_rows(logits: torch.Tensor, rows: list[int], seqs: Seq[Sequence], eos_ids: Seq[int],
+              masks: TokenMasks | None = None, wait_masks: bool = True) -> DrawnTokens:
+    """``draw`` of ``logits[rows]`` (``logits`` itself is left as it is)."""
+    picked = logits.index_select(0, _device_list(rows, torch.int64, logits.device))
+    return draw(picked, seqs, eos_ids, masks, wait_masks)
 
 
 def sample_rows(logits: torch.Tensor, rows: list[int], seqs: Seq[Sequence], eos_ids: Seq[int],
                 masks: TokenMasks | None = None
                 ) -> list[tuple[int, TokenLogprob | None] | Exception]:
-    """``sample`` of ``logits[rows]`` (``logits`` itself is left as it is); if the batch
-    raises, each row alone -- a row is drawn the same either way -- with the exception in
-    place of a row that still fails, so that one bad row fails one request."""
-    picked = logits.index_select(0, _device_list(rows, torch.int64, logits.device))
+    """``draw_rows`` and its tokens; if the batch raises, each row alone -- a row is drawn
+    the same either way -- with the exception in place of a row that still fails, so that
+    one bad row fails one request."""
     try:
-        return list(sample(picked, seqs, eos_ids, masks))
+        return list(draw_rows(logits, rows, seqs, eos_ids, masks).result())
     except Exception:
         log.exception("sampling %d rows failed: sampling them one at a time", len(seqs))
     out: list[tuple[int, TokenLogprob | None] | Exception] = []

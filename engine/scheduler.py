@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from engine.block_pool import BlockPool, hash_block, prefix_hashes
 from engine.errors import CapacityError
@@ -47,6 +48,13 @@ class ScheduledBatch:
         return out
 
 
+class BlockHold(Protocol):
+    """What keeps a finished sequence's blocks from reuse: a transfer (TransferHandle) or
+    launched device work (engine.step_pipeline.StepFence)."""
+
+    def finished(self) -> bool: ...
+
+
 @dataclass(slots=True)
 class RemoteWait:
     """A sequence in WAITING_FOR_REMOTE_KV: its blocks are reserved, its KV on its way."""
@@ -65,8 +73,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.remote: dict[str, RemoteWait] = {}  # by request id
-        # (transfer, blocks): blocks kept from reuse until the transfer is finished
-        self.draining: list[tuple[TransferHandle, list[int]]] = []
+        # (hold, blocks): blocks kept from reuse until the hold is finished
+        self.draining: list[tuple[BlockHold, list[int]]] = []
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -122,9 +130,9 @@ class Scheduler:
             budget -= n
         return batch
 
-    def finish(self, seq: Sequence, hold: TransferHandle | None = None) -> None:
+    def finish(self, seq: Sequence, hold: BlockHold | None = None) -> None:
         """Take ``seq`` out of every queue and free its blocks -- once ``hold`` (a transfer
-        reading or writing them) is finished, if one is given."""
+        reading or writing them, a forward using them) is finished, if one is given."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -132,7 +140,7 @@ class Scheduler:
         wait = self.remote.pop(seq.request_id, None)
         if wait is not None and wait.seq is seq:
             wait.transfer.cancel()
-            hold = wait.transfer
+            hold = wait.transfer  # (no forward used a sequence that was never admitted)
         if hold is not None and not hold.finished() and seq.block_ids:
             self.draining.append((hold, seq.block_ids))
             seq.block_ids, seq.block_hashes = [], []
@@ -185,11 +193,11 @@ class Scheduler:
         if not self.draining:
             return
         still = []
-        for transfer, blocks in self.draining:
-            if transfer.finished():
+        for hold, blocks in self.draining:
+            if hold.finished():
                 self.pool.release(blocks)
             else:
-                still.append((transfer, blocks))
+                still.append((hold, blocks))
         self.draining = still
 
     def register_full_blocks(self, seq: Sequence) -> None:

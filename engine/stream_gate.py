@@ -1,0 +1,92 @@
+"""StreamGate: GPU work queued now that runs only once the host says its data is ready.
+
+Why: with async scheduling (engine/step_pipeline.py) a constrained step's grammar masks
+can only be filled once the last step's tokens are known, i.e. while this step's forward
+runs. Were the engine thread to wait for the fill before queuing the sampler, the next
+step's forward could only be launched after the fill too, and the GPU would idle for the
+host's whole fill-then-launch chain (on an H200, a JSON step at batch 32: 2.8 ms against
+1.8 unconstrained). A gate puts the wait on the stream instead: the sampler's mask copy and
+everything after it are queued at once behind a ``cuStreamWaitValue32`` on a counter in
+pinned host memory, and the mask worker bumps the counter when its rows are written.
+
+CUDA's driver API through ctypes (torch exposes no stream memory operations). Made only
+where the driver supports them; else ``create`` gives None and the engine waits for its
+masks on the host as before. A gate that is never opened would stall the stream for good,
+so every ticket taken is opened: by the worker when its fill ends however it ends, and by
+the engine if the fill outlives its timeout.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+_CAN_USE_STREAM_MEM_OPS = 92  # CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS_V1
+
+
+class StreamGate:
+    """A host-written counter that a CUDA stream can wait on: ``ticket()`` names the next
+    opening, ``hold(ticket)`` queues a wait for it on the current stream, ``open(ticket)``
+    lets every wait up to it pass."""
+
+    def __init__(self, wait_fn: ctypes._CFuncPtr, device_ptr: int,  # type: ignore[name-defined]
+                 counter: torch.Tensor) -> None:
+        self._wait = wait_fn
+        self._device_ptr = device_ptr
+        self._counter = counter  # [1] int32, pinned; the GPU reads it where it lives
+        self._host = counter.numpy().view(np.uint32)
+        self._issued = 0  # tickets wrap around 2**32, compared cyclically as the GPU does
+        self._lock = threading.Lock()  # the worker and the engine both open tickets
+
+    @classmethod
+    def create(cls, device: torch.device) -> StreamGate | None:
+        if device.type != "cuda":
+            return None
+        try:
+            cuda = ctypes.CDLL("libcuda.so.1")
+            dev, supported = ctypes.c_int(), ctypes.c_int()
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            if cuda.cuDeviceGet(ctypes.byref(dev), index) != 0 or cuda.cuDeviceGetAttribute(
+                    ctypes.byref(supported), _CAN_USE_STREAM_MEM_OPS, dev) != 0 \
+                    or not supported.value:
+                return None
+            counter = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+            ptr = ctypes.c_uint64()
+            if cuda.cuMemHostGetDevicePointer_v2(ctypes.byref(ptr),
+                                                 ctypes.c_void_p(counter.data_ptr()), 0) != 0:
+                return None
+            wait = getattr(cuda, "cuStreamWaitValue32_v2", None) or cuda.cuStreamWaitValue32
+            wait.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+            return cls(wait, ptr.value, counter)
+        except (OSError, AttributeError, RuntimeError):
+            log.info("no stream memory operations here: grammar masks are waited for on "
+                     "the host", exc_info=True)
+            return None
+
+    def ticket(self) -> int:
+        with self._lock:
+            self._issued = (self._issued + 1) & 0xFFFFFFFF
+            return self._issued
+
+    def hold(self, ticket: int) -> None:
+        """Work queued on the current stream after this waits for ``open(ticket)``."""
+        stream = torch.cuda.current_stream().cuda_stream
+        # flags 0: wait until (int32)(*counter - ticket) >= 0, a cyclic greater-or-equal
+        result = self._wait(ctypes.c_void_p(stream), self._device_ptr, ticket, 0)
+        if result != 0:
+            raise RuntimeError(f"cuStreamWaitValue32 failed (CUresult {result})")
+
+    def open(self, ticket: int) -> None:
+        """Let waits up to ``ticket`` pass (after the data they guard is written)."""
+        with self._lock:
+            if (ticket - int(self._host[0])) & 0xFFFFFFFF < 1 << 31:  # never moves back
+                self._host[0] = ticket
+
+    def open_all(self) -> None:
+        """Every ticket taken so far (shutting down: nothing may stay stalled)."""
+        self.open(self._issued)
