@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
-_CAN_USE_STREAM_MEM_OPS = 92  # CU_DEVICE_ATTRIBUTE_CAN_USE_STREAM_MEM_OPS_V1
 
 
 class StreamGate:
@@ -45,27 +44,27 @@ class StreamGate:
 
     @classmethod
     def create(cls, device: torch.device) -> StreamGate | None:
+        """A gate on ``device``'s streams, or None where the driver cannot make one (then
+        the reason is logged)."""
         if device.type != "cuda":
             return None
         try:
             cuda = ctypes.CDLL("libcuda.so.1")
-            dev, supported = ctypes.c_int(), ctypes.c_int()
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            if cuda.cuDeviceGet(ctypes.byref(dev), index) != 0 or cuda.cuDeviceGetAttribute(
-                    ctypes.byref(supported), _CAN_USE_STREAM_MEM_OPS, dev) != 0 \
-                    or not supported.value:
-                return None
             counter = torch.zeros(1, dtype=torch.int32, pin_memory=True)
             ptr = ctypes.c_uint64()
-            if cuda.cuMemHostGetDevicePointer_v2(ctypes.byref(ptr),
-                                                 ctypes.c_void_p(counter.data_ptr()), 0) != 0:
-                return None
+            err = cuda.cuMemHostGetDevicePointer_v2(ctypes.byref(ptr),
+                                                    ctypes.c_void_p(counter.data_ptr()), 0)
+            if err != 0:
+                raise RuntimeError(f"cuMemHostGetDevicePointer: CUresult {err}")
             wait = getattr(cuda, "cuStreamWaitValue32_v2", None) or cuda.cuStreamWaitValue32
             wait.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
-            return cls(wait, ptr.value, counter)
-        except (OSError, AttributeError, RuntimeError):
-            log.info("no stream memory operations here: grammar masks are waited for on "
-                     "the host", exc_info=True)
+            gate = cls(wait, ptr.value, counter)
+            with torch.cuda.device(device):
+                gate.hold(0)  # passes at once (0 >= 0); fails where the driver has no mem ops
+            return gate
+        except (OSError, AttributeError, RuntimeError) as exc:
+            log.warning("no stream memory operations (%s): grammar masks are waited for on "
+                        "the host", exc)
             return None
 
     def ticket(self) -> int:
