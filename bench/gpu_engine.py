@@ -31,7 +31,7 @@ from pdserve.make_model import make_model
 
 
 def check_greedy(tmp: Path) -> list[str]:
-    rows = [check_gate()]
+    rows = []
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 2000, (n,), generator=g).tolist()
                for n in (1, 7, 16, 40, 100, 130, 300, 33)]

@@ -22,10 +22,10 @@ import ctypes
 import logging
 import threading
 
-import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
+_PORTABLE, _DEVICEMAP = 0x01, 0x02  # CU_MEMHOSTALLOC_PORTABLE, CU_MEMHOSTALLOC_DEVICEMAP
 
 
 class StreamGate:
@@ -33,12 +33,13 @@ class StreamGate:
     opening, ``hold(ticket)`` queues a wait for it on the current stream, ``open(ticket)``
     lets every wait up to it pass."""
 
-    def __init__(self, wait_fn: ctypes._CFuncPtr, device_ptr: int,  # type: ignore[name-defined]
-                 counter: torch.Tensor) -> None:
+    def __init__(self, wait_fn: ctypes._CFuncPtr,  # type: ignore[name-defined]
+                 device_ptr: int, host_ptr: int) -> None:
         self._wait = wait_fn
         self._device_ptr = device_ptr
-        self._counter = counter  # [1] int32, pinned; the GPU reads it where it lives
-        self._host = counter.numpy().view(np.uint32)
+        # the counter: 4 bytes of pinned, device-mapped host memory (cuMemHostAlloc), held
+        # for the process's life; the GPU polls it where it lives
+        self._host = ctypes.c_uint32.from_address(host_ptr)
         self._issued = 0  # tickets wrap around 2**32, compared cyclically as the GPU does
         self._lock = threading.Lock()  # the worker and the engine both open tickets
 
@@ -50,16 +51,22 @@ class StreamGate:
             return None
         try:
             cuda = ctypes.CDLL("libcuda.so.1")
-            counter = torch.zeros(1, dtype=torch.int32, pin_memory=True)
-            ptr = ctypes.c_uint64()
-            err = cuda.cuMemHostGetDevicePointer_v2(ctypes.byref(ptr),
-                                                    ctypes.c_void_p(counter.data_ptr()), 0)
-            if err != 0:
-                raise RuntimeError(f"cuMemHostGetDevicePointer: CUresult {err}")
-            wait = getattr(cuda, "cuStreamWaitValue32_v2", None) or cuda.cuStreamWaitValue32
-            wait.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
-            gate = cls(wait, ptr.value, counter)
             with torch.cuda.device(device):
+                torch.cuda.current_stream()  # the primary context is current on this thread
+                host = ctypes.c_void_p()
+                err = cuda.cuMemHostAlloc(ctypes.byref(host), 64, _DEVICEMAP | _PORTABLE)
+                if err != 0 or host.value is None:
+                    raise RuntimeError(f"cuMemHostAlloc: CUresult {err}")
+                addr: int = host.value
+                ctypes.c_uint32.from_address(addr).value = 0
+                ptr = ctypes.c_uint64()
+                err = cuda.cuMemHostGetDevicePointer_v2(ctypes.byref(ptr), host, 0)
+                if err != 0:
+                    raise RuntimeError(f"cuMemHostGetDevicePointer: CUresult {err}")
+                wait = cuda.cuStreamWaitValue32_v2
+                wait.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32,
+                                 ctypes.c_uint]
+                gate = cls(wait, ptr.value, addr)
                 gate.hold(0)  # passes at once (0 >= 0); fails where the driver has no mem ops
             return gate
         except (OSError, AttributeError, RuntimeError) as exc:
@@ -83,8 +90,8 @@ class StreamGate:
     def open(self, ticket: int) -> None:
         """Let waits up to ``ticket`` pass (after the data they guard is written)."""
         with self._lock:
-            if (ticket - int(self._host[0])) & 0xFFFFFFFF < 1 << 31:  # never moves back
-                self._host[0] = ticket
+            if (ticket - self._host.value) & 0xFFFFFFFF < 1 << 31:  # never moves back
+                self._host.value = ticket
 
     def open_all(self) -> None:
         """Every ticket taken so far (shutting down: nothing may stay stalled)."""
