@@ -52,32 +52,6 @@ def check_greedy(tmp: Path) -> list[str]:
     return rows
 
 
-def check_gate() -> str:
-    """engine.stream_gate on this card: work queued behind a gate waits for ``open``."""
-    import time
-
-    from engine.stream_gate import StreamGate
-
-    gate = StreamGate.create(torch.device("cuda"))
-    assert gate is not None, "no stream memory operations on this card"
-    x = torch.ones(1 << 20, device="cuda")
-    torch.cuda.synchronize()
-    ticket = gate.ticket()
-    gate.hold(ticket)
-    x.mul_(2)
-    done = torch.cuda.Event()
-    done.record()
-    time.sleep(0.05)
-    held = not done.query()
-    gate.open(ticket)
-    done.synchronize()
-    row = (f"| - | stream gate | work behind a closed gate {'waited' if held else 'DID NOT wait'}"
-           f"; after open: {float(x[0])} (2.0 expected) |")
-    print(row, flush=True)
-    assert held and float(x[0]) == 2.0
-    return row
-
-
 def check_async_sampled(model: Path, prompts: list[list[int]]) -> list[str]:
     """Seeded sampling (penalties, n = 3, a JSON schema) on the GPU: async scheduling on
     gives the tokens of async scheduling off."""

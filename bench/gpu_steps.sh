@@ -47,19 +47,12 @@ for step in "${@:-transfer}"; do
           --batches "${BATCHES:-1,32}" --max-tokens 128 --repeat "${REPEAT:-2}" \
           --fill "${FILL:-worker}" --fill-threads "${FILL_THREADS:-1}" \
           --async-scheduling "${ASYNC:-on,off}" $([ "${PHASES:-0}" = 1 ] && echo --phases) \
-          $([ "${NO_GATE:-0}" = 1 ] && echo --no-gate) \
           --switch-interval "$sw" $([ "${PROFILE:-0}" = 1 ] && echo --torch-profile \
           "$OUT/structured_kernels_$sw.txt") 2>&1 \
           | tee "$OUT/structured_gpu_$sw.txt"
       done
       ;;
-    gate)  # the stream gate alone, in a process of its own: a gate that hangs costs 30 s
-      timeout 30 python3 -c "import sys; sys.path.insert(0, 'bench'); import gpu_engine; \
-gpu_engine.check_gate()" 2>&1 | grep -v Warning | tee "$OUT/gate.txt" \
-        && grep -q waited "$OUT/gate.txt" || { echo "gate check failed"; NO_GATE=1; }
-      ;;
     checks)  # greedy GPU tokens = the CPU path's, graphs and async scheduling on/off
-      [ "${NO_GATE:-0}" = 1 ] && { echo "skipped: the stream gate failed"; continue; }
       python3 bench/gpu_engine.py --checks-only 2>&1 | tee "$OUT/gpu_checks.txt"
       ;;
     cuda-tests)

@@ -20,7 +20,9 @@ scheduling and SGLang's overlap scheduler do, a step may leave its drawn tokens 
 
 Only rows whose token needs nothing but its id later are left in flight (``can_defer``):
 not logprobs, not a prefill pod's first tokens, not a request's first draw that forks n
-sequences. Anything else is resolved in the step that drew it, as without async scheduling.
+sequences, and not a step with many grammar-constrained rows (their next masks would be
+filled on the launch chain). Anything else is resolved in the step that drew it, as
+without async scheduling.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import torch
 from engine.sampler import DrawnTokens
 from engine.scheduler import BlockHold
 from engine.sequence import Sequence
-from engine.structured_output import StepMasks
 
 PLACEHOLDER = -1  # the last token of a sequence whose drawn token is still on the device
 
@@ -53,7 +54,6 @@ class InFlight:
 
     seqs: list[Sequence]  # the sampled sequences, in the order of drawn's rows
     drawn: DrawnTokens
-    masks: StepMasks | None  # their grammar masks (maybe still being filled: ``settle``)
 
     @property
     def feed(self) -> TokenFeed:
@@ -95,8 +95,19 @@ class AllOf:
         return all(h.finished() for h in self.holds)
 
 
+# Constrained rows whose tokens may stay on the device. Their next masks can only be filled
+# once the tokens are known, and the engine thread then waits for that fill before it can
+# queue the sampler and the next forward, so the fill lands on the host's launch chain. On
+# an H200 (a 1B model, a JSON schema): at batch 1 (a 0.1 ms fill) async scheduling gave
+# 656-681 tok/s against 560-587 waiting for the tokens; at batch 32 (a 1.1 ms fill)
+# 10.9-11.5k against 11.9-13.0k, where the fill begun at the step's end (prefetch) hides
+# under the next forward instead (bench/RESULTS.md, 2026-12-01).
+MAX_DEFERRED_CONSTRAINED = 4
+
+
 def can_defer(seqs: Seq[Sequence], forked: bool, prompt_logprobs: bool) -> bool:
     """Whether a step's drawn tokens may stay on the device until the next step: each must
-    need nothing from the draw but its id."""
-    return not forked and not prompt_logprobs and all(
-        s.params.logprobs is None and not s.prefill_only for s in seqs)
+    need nothing from the draw but its id, and few enough must need grammar masks."""
+    constrained = sum(s.params.structured_outputs is not None for s in seqs)
+    return not forked and not prompt_logprobs and constrained <= MAX_DEFERRED_CONSTRAINED \
+        and all(s.params.logprobs is None and not s.prefill_only for s in seqs)

@@ -18,7 +18,7 @@ import jsonschema
 import pytest
 
 from engine import LLM, SamplingParams
-from engine.step_pipeline import PLACEHOLDER, can_defer
+from engine.step_pipeline import MAX_DEFERRED_CONSTRAINED, PLACEHOLDER, can_defer
 from engine.structured_spec import StructuredOutputSpec
 
 VOCAB = 2048
@@ -134,8 +134,9 @@ def test_stop_tokens_end_sequences_at_the_same_token(tiny_model, make_prompts):
 def test_constrained_output_is_unchanged_and_valid(tiny_model, make_prompts):
     prompts = make_prompts([6, 11, 20], VOCAB, 4)
     spec = StructuredOutputSpec.json_schema(SCHEMA)
+    # four constrained rows: at most MAX_DEFERRED_CONSTRAINED are left on the device
     params = [SamplingParams(temperature=1.0, seed=s, n=n, max_tokens=120,
-                             structured_outputs=spec) for s, n in ((1, 1), (2, 3), (3, 1))]
+                             structured_outputs=spec) for s, n in ((1, 1), (2, 2), (3, 1))]
     sync = LLM(tiny_model, async_scheduling=False).generate(prompts, params)
     llm = LLM(tiny_model, async_scheduling=True)
     watch = _Watch(llm.engine)
@@ -210,6 +211,11 @@ def test_rows_that_need_more_than_their_token_are_resolved_in_their_step():
     assert not can_defer([_seq(SamplingParams())], forked=False, prompt_logprobs=True)
     assert can_defer([_seq(SamplingParams(temperature=1.0, repetition_penalty=1.2))],
                      False, False)
+    # many constrained rows: their next fill would land on the host's launch chain
+    spec = StructuredOutputSpec.json_schema(SCHEMA)
+    few = [_seq(SamplingParams(structured_outputs=spec))] * MAX_DEFERRED_CONSTRAINED
+    assert can_defer(few + [_seq(SamplingParams())] * 20, False, False)
+    assert not can_defer(few + [_seq(SamplingParams(structured_outputs=spec))], False, False)
 
 
 def _seq(params: SamplingParams, prefill_only: bool = False):
