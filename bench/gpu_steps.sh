@@ -7,7 +7,6 @@
 # install` makes them); they stay installed while the machine is held.
 #   model       make the random bf16 Llama-3-8B-shaped model in /tmp/m8b (on the GPU)
 #   structured  issue 14: sampler per step, decode tok/s with a JSON schema vs unconstrained
-#   gate        engine/stream_gate.py on this card (run it before checks and structured)
 #   checks      GPU greedy tokens = the CPU path's (graphs, async scheduling on and off)
 #   cuda-tests  the connectors' and the tier's CUDA tests
 #   transfer    issue 9: bench/kv_transfer.py, nccl / ucx / ucx-packed vs raw NCCL and copy
@@ -48,18 +47,12 @@ for step in "${@:-transfer}"; do
           --batches "${BATCHES:-1,32}" --max-tokens 128 --repeat "${REPEAT:-2}" \
           --fill "${FILL:-worker}" --fill-threads "${FILL_THREADS:-1}" \
           --async-scheduling "${ASYNC:-on,off}" $([ "${PHASES:-0}" = 1 ] && echo --phases) \
-          $([ "${NO_GATE:-0}" = 1 ] && echo --no-gate) \
           --switch-interval "$sw" $([ "${PROFILE:-0}" = 1 ] && echo --torch-profile \
           "$OUT/structured_kernels_$sw.txt") 2>&1 \
           | tee "$OUT/structured_gpu_$sw.txt"
       done
       ;;
-    gate)  # the stream gate in a process of its own: one the GPU never sees would hang
-      timeout 60 python3 bench/gpu_gate.py 2>&1 | grep -v Warning | tee "$OUT/gate.txt"
-      grep -q "waited for the host in 50/50" "$OUT/gate.txt" || { echo "no gate"; NO_GATE=1; }
-      ;;
     checks)  # greedy GPU tokens = the CPU path's, graphs and async scheduling on/off
-      [ "${NO_GATE:-0}" = 1 ] && { echo "skipped: the stream gate failed"; continue; }
       python3 bench/gpu_engine.py --checks-only 2>&1 | tee "$OUT/gpu_checks.txt"
       ;;
     cuda-tests)

@@ -218,8 +218,6 @@ def main() -> None:
     ap.add_argument("--async-scheduling", default="on,off",
                     help="comma-separated: on (launch each step before the last step's "
                     "tokens reach the host, the GPU default), off")
-    ap.add_argument("--no-gate", action="store_true",
-                    help="wait for grammar masks on the host even with async scheduling")
     ap.add_argument("--switch-interval", type=float, default=None,
                     help="Python's GIL switch interval in seconds (default: a GPU pod's, "
                     f"{GPU_POD_SWITCH_INTERVAL_S}, on CUDA; Python's own on a CPU)")
@@ -229,8 +227,6 @@ def main() -> None:
     engine = LLMEngine(args.model, EngineArgs(device=args.device, dtype=args.dtype,
                                               num_kv_blocks=4096, max_num_seqs=256,
                                               cpu_threads=args.threads or None))
-    if args.no_gate:
-        engine.structured.gate = None
     where = (torch.cuda.get_device_name() if args.device == "cuda" else "cpu") + \
         f" ({torch.get_num_threads()} torch CPU threads)"
     print(f"decode tokens/s, {args.model} on {where}, {args.dtype}, {args.max_tokens} tokens "

@@ -46,7 +46,6 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import BlockHold, ScheduledBatch, Scheduler
 from engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
 from engine.step_pipeline import PLACEHOLDER, AllOf, InFlight, StepFence, can_defer
-from engine.stream_gate import StreamGate
 from engine.structured_output import StructuredOutputs
 from engine.tier_cache import TierCache
 
@@ -90,8 +89,6 @@ class LLMEngine:
                                  else self.runner.device.type == "cuda")
         self._inflight: InFlight | None = None
         self._fence = StepFence()
-        if self.async_scheduling:
-            self.structured.gate = StreamGate.create(self.runner.device)
 
     @property
     def layout(self) -> KVLayout:
@@ -380,21 +377,16 @@ class LLMEngine:
                 rows.append(row)
         if not to_sample:
             return
-        gated = self.structured.gate is not None
-        if defer and self.async_scheduling and can_defer(to_sample, forked, plp is not None,
-                                                         gated):
+        if defer and self.async_scheduling and can_defer(to_sample, forked, plp is not None):
             try:
-                drawn = draw_rows(logits, rows, to_sample, self.eos_token_ids, masks,
-                                  wait_masks=False)
+                drawn = draw_rows(logits, rows, to_sample, self.eos_token_ids, masks)
             except Exception:
                 log.exception("sampling %d rows failed: sampling them one at a time",
                               len(to_sample))
-                if masks is not None:
-                    masks.settle()  # its gate, if the device already waits on it
             else:
                 for seq in to_sample:
                     seq.token_ids.append(PLACEHOLDER)
-                self._inflight = InFlight(to_sample, drawn, masks)
+                self._inflight = InFlight(to_sample, drawn)
                 return
         self._append_rows(to_sample, sample_rows(logits, rows, to_sample, self.eos_token_ids,
                                                  masks))
@@ -409,8 +401,6 @@ class LLMEngine:
         for seq in inflight.seqs:
             if seq.token_ids and seq.token_ids[-1] == PLACEHOLDER:
                 seq.token_ids.pop()
-        # first: a device waiting for these masks (engine/stream_gate.py) must be let on
-        fill_error = inflight.masks.settle() if inflight.masks is not None else None
         drawn: list[tuple[int, TokenLogprob | None] | Exception]
         try:
             drawn = list(inflight.drawn.result())
@@ -420,9 +410,6 @@ class LLMEngine:
             drawn = [exc if i in bad else (tokens[i], None) for i in range(len(tokens))]
         except Exception as exc:
             drawn = [exc] * len(inflight.seqs)
-        if fill_error is not None:  # the constrained rows were drawn without their masks
-            drawn = [fill_error if s.params.structured_outputs is not None else d
-                     for s, d in zip(inflight.seqs, drawn, strict=True)]
         self._append_rows(inflight.seqs, drawn)
 
     def _append_rows(self, seqs: list[Sequence],

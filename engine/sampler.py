@@ -62,11 +62,9 @@ class RowSamplingError(PdserveError):
 class TokenMasks(Protocol):
     """Allowed-token bitmasks for the rows of a batch (engine.structured_output)."""
 
-    def bitmask(self, seqs: Seq[Sequence], device: torch.device, wait: bool = True
-                ) -> torch.Tensor | None:
+    def bitmask(self, seqs: Seq[Sequence], device: torch.device) -> torch.Tensor | None:
         """[len(seqs), ceil(vocab / 32)] int32, bit t of a row set = token t allowed
-        (unconstrained rows all ones); None when no row is constrained. ``wait=False``:
-        the rows may still be being filled, if the device can wait for them instead."""
+        (unconstrained rows all ones); None when no row is constrained."""
         ...
 
 
@@ -274,13 +272,13 @@ class DrawnTokens:
 
 
 def draw(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: Seq[int],
-         masks: TokenMasks | None = None, wait_masks: bool = True) -> DrawnTokens:
+         masks: TokenMasks | None = None) -> DrawnTokens:
     """logits: [len(seqs), vocab] float32, one row per sequence to sample for; they may be
     modified in place (penalties, masks). Queues the whole draw and returns without
     waiting for the device.
 
     Logprobs are those of the raw model logits (before penalties, masks and temperature),
-    as vLLM reports them by default. ``wait_masks=False``: see TokenMasks.bitmask.
+    as vLLM reports them by default.
     """
     vocab = logits.shape[1]
     rows = _Rows.of(seqs, vocab)
@@ -293,7 +291,7 @@ def draw(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: Seq[int],
         apply_penalties(logits, seqs, eos_ids)
     # The grammar masks are waited for only now, with the work that does not need them
     # already queued behind the forward (their fill runs on a worker meanwhile).
-    bitmask = masks.bitmask(seqs, logits.device, wait_masks) if masks is not None else None
+    bitmask = masks.bitmask(seqs, logits.device) if masks is not None else None
     if bitmask is not None and not rows.any_min_tokens:
         apply_bitmask(logits, open_empty_rows(bitmask, vocab))
     elif rows.any_min_tokens or bitmask is not None:
@@ -324,10 +322,10 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: Seq[int],
 
 
 def draw_rows(logits: torch.Tensor, rows: list[int], seqs: Seq[Sequence], eos_ids: Seq[int],
-              masks: TokenMasks | None = None, wait_masks: bool = True) -> DrawnTokens:
+              masks: TokenMasks | None = None) -> DrawnTokens:
     """``draw`` of ``logits[rows]`` (``logits`` itself is left as it is)."""
     picked = logits.index_select(0, _device_list(rows, torch.int64, logits.device))
-    return draw(picked, seqs, eos_ids, masks, wait_masks)
+    return draw(picked, seqs, eos_ids, masks)
 
 
 def sample_rows(logits: torch.Tensor, rows: list[int], seqs: Seq[Sequence], eos_ids: Seq[int],

@@ -35,7 +35,6 @@ import torch
 from engine.sampler import DrawnTokens
 from engine.scheduler import BlockHold
 from engine.sequence import Sequence
-from engine.structured_output import StepMasks
 
 PLACEHOLDER = -1  # the last token of a sequence whose drawn token is still on the device
 
@@ -55,7 +54,6 @@ class InFlight:
 
     seqs: list[Sequence]  # the sampled sequences, in the order of drawn's rows
     drawn: DrawnTokens
-    masks: StepMasks | None  # their grammar masks (maybe still being filled: ``settle``)
 
     @property
     def feed(self) -> TokenFeed:
@@ -107,12 +105,9 @@ class AllOf:
 MAX_DEFERRED_CONSTRAINED = 4
 
 
-def can_defer(seqs: Seq[Sequence], forked: bool, prompt_logprobs: bool,
-              gated: bool = False) -> bool:
+def can_defer(seqs: Seq[Sequence], forked: bool, prompt_logprobs: bool) -> bool:
     """Whether a step's drawn tokens may stay on the device until the next step: each must
-    need nothing from the draw but its id, and, unless the device can wait for grammar
-    masks itself (``gated``: engine/stream_gate.py), few enough must need them."""
+    need nothing from the draw but its id, and few enough must need grammar masks."""
     constrained = sum(s.params.structured_outputs is not None for s in seqs)
-    return not forked and not prompt_logprobs \
-        and (gated or constrained <= MAX_DEFERRED_CONSTRAINED) \
+    return not forked and not prompt_logprobs and constrained <= MAX_DEFERRED_CONSTRAINED \
         and all(s.params.logprobs is None and not s.prefill_only for s in seqs)

@@ -43,7 +43,6 @@ import torch
 from engine.grammar import COMPILE_TIMEOUT_S, GrammarCompiler, first_line, tokenizer_factory_for
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
-from engine.stream_gate import StreamGate
 
 log = logging.getLogger(__name__)
 
@@ -107,16 +106,7 @@ class StepMasks:
     filled: torch.Tensor  # [rows, words] int32, host
     job: Future | _Deferred
     lengths: dict[int, int]  # seq_id -> its num_tokens when the fill began
-    ticket: int | None = None  # the owner's gate opens it when the fill ends (GPU)
-    gated: bool = False  # a sampler's mask copy waits on the device for the ticket
     timed_out: bool = False
-
-    def _rows_in_order(self, seqs: Seq[Sequence]) -> bool:
-        """Whether ``seqs`` are exactly the planned rows, in order (then the filled rows go
-        to the device as they are)."""
-        return len(seqs) == self.filled.shape[0] and all(
-            s.params.structured_outputs is not None and self.rows.get(s.seq_id) == i
-            for i, s in enumerate(seqs))
 
     def covers(self, seqs: Seq[Sequence]) -> bool:
         """Whether these rows are the masks of ``seqs`` as they stand now."""
@@ -136,33 +126,7 @@ class StepMasks:
         if self.timed_out:
             raise RuntimeError(f"grammar masks took longer than {MASK_TIMEOUT_S} s")
 
-    def settle(self) -> Exception | None:
-        """After a gated step, before its tokens are read: wait for its fill on the host
-        (within the timeout) and open its gate whatever happened, so that the stream goes
-        on; the error that makes the rows it guarded wrong, if any."""
-        if not self.gated:
-            return None
-        gate = self.owner.gate
-        try:
-            self.wait()
-        except Exception as exc:
-            return exc
-        finally:
-            self.owner.open(self.ticket)
-        if gate is not None and int(gate.expired.item()):  # (a sync: the tokens' own wait)
-            gate.expired.zero_()
-            return RuntimeError("the GPU stopped waiting for grammar masks")
-        return None
-
-    def bitmask(self, seqs: Seq[Sequence], device: torch.device, wait: bool = True
-                ) -> torch.Tensor | None:
-        gate = self.owner.gate
-        if not wait and gate is not None and self.ticket is not None \
-                and self._rows_in_order(seqs):
-            # the copy and all that follows wait on the device for the fill, not the host
-            gate.hold(self.ticket)
-            self.gated = True
-            return self.filled.to(device, non_blocking=True)
+    def bitmask(self, seqs: Seq[Sequence], device: torch.device) -> torch.Tensor | None:
         self.wait()
         dst: list[int] = []
         src: list[int] = []
@@ -222,9 +186,6 @@ class StructuredOutputs:
         self._last: StepMasks | None = None
         self._buffers: list[torch.Tensor] = []  # two host row buffers, used in turn
         self.times = MaskTimes()
-        # with async scheduling on a GPU: the sampler's mask copy waits on the device for
-        # the fill (engine/stream_gate.py) instead of the engine thread waiting on the host
-        self.gate: StreamGate | None = None
 
     @classmethod
     def for_model(cls, model_dir: str | Path, vocab_size: int, eos_ids: Seq[int],
@@ -300,8 +261,7 @@ class StructuredOutputs:
 
     def _start(self, planned: list[Sequence]) -> StepMasks | None:
         if self._last is not None:  # never two fills over the same matchers at once
-            if self._last.job.cancel():  # never ran: nothing else opens its ticket
-                self.open(self._last.ticket)
+            self._last.job.cancel()
             try:
                 self._last.job.result(timeout=MASK_TIMEOUT_S)
             except Exception:  # the step that used it reported the error
@@ -314,15 +274,13 @@ class StructuredOutputs:
         filled = self._rows(len(planned))
         pairs = [(s.guide, i) for i, s in enumerate(planned)]
         job: Future | _Deferred
-        ticket: int | None = None
         if self.fill_inline:
             job = _Deferred(lambda: self._timed_fill(pairs, filled))
         else:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bitmask")
             started = threading.Event()
-            ticket = self.gate.ticket() if self.gate is not None else None
-            job = self._pool.submit(self._timed_fill, pairs, filled, started, ticket)
+            job = self._pool.submit(self._timed_fill, pairs, filled, started)
             # Hand the GIL over now: the worker needs it only to enter llguidance (which
             # computes without it), but the engine thread would otherwise keep it through
             # the next launch -- Python switches threads every 5 ms -- so the fill began
@@ -332,13 +290,8 @@ class StructuredOutputs:
                 started.wait(self.handoff_timeout_s)
         fresh = {s.request_id: i for i, s in enumerate(planned) if s.num_output_tokens == 0}
         self._last = StepMasks(self, {s.seq_id: i for i, s in enumerate(planned)}, fresh,
-                               filled, job, {s.seq_id: s.num_tokens for s in planned},
-                               ticket)
+                               filled, job, {s.seq_id: s.num_tokens for s in planned})
         return self._last
-
-    def open(self, ticket: int | None) -> None:
-        if ticket is not None and self.gate is not None:
-            self.gate.open(ticket)
 
     def _rows(self, rows: int) -> torch.Tensor:
         """Host rows for one fill (llguidance writes every word of each row), from two
@@ -353,17 +306,13 @@ class StructuredOutputs:
         return self._buffers[0][:rows]
 
     def _timed_fill(self, pairs: list[tuple[Any, int]], out: torch.Tensor,
-                    started: threading.Event | None = None, ticket: int | None = None
-                    ) -> None:
+                    started: threading.Event | None = None) -> None:
         t0 = time.perf_counter()
-        try:
-            executor = self._ll_executor(len(pairs))
-            if started is not None:
-                started.set()
-            _fill(executor, pairs, out)
-        finally:
-            self.open(ticket)  # the rows are written (or never will be): let the GPU on
-            self.times.fill += time.perf_counter() - t0
+        executor = self._ll_executor(len(pairs))
+        if started is not None:
+            started.set()
+        _fill(executor, pairs, out)
+        self.times.fill += time.perf_counter() - t0
 
     def advance(self, seq: Sequence, token: int) -> bool:
         """After ``token`` was appended to a sequence: move its matcher on. True when the
@@ -391,6 +340,4 @@ class StructuredOutputs:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
-        if self.gate is not None:
-            self.gate.open_all()
         self.compiler.close()
