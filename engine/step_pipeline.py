@@ -98,10 +98,11 @@ class AllOf:
 # Constrained rows whose tokens may stay on the device. Their next masks can only be filled
 # once the tokens are known, and the engine thread then waits for that fill before it can
 # queue the sampler and the next forward, so the fill lands on the host's launch chain. On
-# an H200 (a 1B model, a JSON schema): at batch 1 (a 0.1 ms fill) async scheduling gave
-# 656-681 tok/s against 560-587 waiting for the tokens; at batch 32 (a 1.1 ms fill)
-# 10.9-11.5k against 11.9-13.0k, where the fill begun at the step's end (prefetch) hides
-# under the next forward instead (bench/RESULTS.md, 2026-12-01).
+# an H200 (a 1B model, a JSON schema, bench/RESULTS.md 2026-12-01): at batch 32 (a 1.1 ms
+# fill) async scheduling gave 10.9-11.5k tok/s against 11.8-13.0k waiting for the tokens,
+# whose fill, begun at the step's end (prefetch), hides under the next forward instead; at
+# batch 1 (a 0.1 ms fill) 521-681 against 560-587. (Putting that wait on the device instead
+# -- a stream waiting on a host-written counter -- did not work on that card.)
 MAX_DEFERRED_CONSTRAINED = 4
 
 

@@ -215,7 +215,7 @@ def test_rows_that_need_more_than_their_token_are_resolved_in_their_step():
     spec = StructuredOutputSpec.json_schema(SCHEMA)
     few = [_seq(SamplingParams(structured_outputs=spec))] * MAX_DEFERRED_CONSTRAINED
     assert can_defer(few + [_seq(SamplingParams())] * 20, False, False)
-    assert not can_defer(few + [_seq(SamplingParams(structured_outputs=spec))], False, False)
+    assert not can_defer([*few, _seq(SamplingParams(structured_outputs=spec))], False, False)
 
 
 def _seq(params: SamplingParams, prefill_only: bool = False):
