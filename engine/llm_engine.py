@@ -338,7 +338,8 @@ class LLMEngine:
         logits, row_seq = self.runner.execute(batch, self._kv_hook(batch, announced),
                                               plp.capture if plp is not None else None,
                                               inflight.feed if inflight is not None else None)
-        self._fence = StepFence.now(self.runner.device)  # after this forward's launch
+        if self.async_scheduling:  # (else every step waits for its forward anyway)
+            self._fence = StepFence.now(self.runner.device)  # after this forward's launch
         if self.after_launch is not None:
             self.after_launch()
         self._resolve()  # the last step's tokens, while this forward runs

@@ -69,6 +69,16 @@ class Stack:
     def decode_free_blocks(self) -> dict[str, int]:
         return {p["address"]: p["free_blocks"] for p in self.decode_pods()}
 
+    def wait_decode_idle(self, timeout: float = 10.0) -> dict[str, int]:
+        """Each decode pod's free blocks once nothing runs or waits there."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pods = self.decode_pods()
+            if all(p["running"] == 0 and p["waiting"] == 0 for p in pods):
+                return {p["address"]: p["free_blocks"] for p in pods}
+            assert time.monotonic() < deadline, f"decode pods still busy: {pods}"
+            time.sleep(0.1)
+
     def wait_decode_free(self, expected: dict[str, int], timeout: float) -> dict[str, int]:
         """Poll until every decode pod reports ``expected`` free blocks; the last reading."""
         deadline = time.monotonic() + timeout

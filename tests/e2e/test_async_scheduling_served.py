@@ -65,16 +65,7 @@ def test_seeded_and_constrained_outputs_equal_the_synchronous_pods(pipelined: St
 
 
 def test_a_dropped_stream_frees_every_block(pipelined: Stack) -> None:
-    def idle() -> dict[str, int]:
-        deadline = time.monotonic() + 10
-        while True:
-            pods = pipelined.decode_pods()
-            if all(p["running"] == 0 and p["waiting"] == 0 for p in pods):
-                return {p["address"]: p["free_blocks"] for p in pods}
-            assert time.monotonic() < deadline, f"decode pods still busy: {pods}"
-            time.sleep(0.1)
-
-    before = idle()
+    before = pipelined.wait_decode_idle()
     # no logprobs: every row's token is left on the device between steps
     stream = pipelined.client().completions.create(
         model=pipelined.model, prompt=PROMPT, max_tokens=1900, temperature=0, stream=True,

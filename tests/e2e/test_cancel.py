@@ -21,20 +21,9 @@ PROMPT = "class Parser:\n    def __init__(self, text):\n        self.text = text
 LONG = 1900
 
 
-def _wait_idle(stack: Stack, timeout: float = 10.0) -> dict[str, int]:
-    """Free blocks of each decode pod once nothing runs there."""
-    deadline = time.monotonic() + timeout
-    while True:
-        pods = stack.decode_pods()
-        if all(p["running"] == 0 and p["waiting"] == 0 for p in pods):
-            return {p["address"]: p["free_blocks"] for p in pods}
-        assert time.monotonic() < deadline, f"decode pods still busy: {pods}"
-        time.sleep(0.1)
-
-
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
 def test_closing_a_stream_frees_its_blocks_within_a_second(stack: Stack, endpoint: str) -> None:
-    before = _wait_idle(stack)
+    before = stack.wait_decode_idle()
     client = stack.client()
     common = dict(model=stack.model, max_tokens=LONG, temperature=0, stream=True, n=2,
                   extra_body={"ignore_eos": True})
@@ -68,7 +57,7 @@ def test_closing_a_stream_frees_its_blocks_within_a_second(stack: Stack, endpoin
 
 
 def test_a_client_giving_up_on_a_whole_response_frees_its_blocks(stack: Stack) -> None:
-    before = _wait_idle(stack)
+    before = stack.wait_decode_idle()
     body = {"model": stack.model, "prompt": PROMPT, "max_tokens": LONG, "temperature": 0,
             "ignore_eos": True, "n": 2, "logprobs": 5}
     with pytest.raises(httpx.ReadTimeout):
