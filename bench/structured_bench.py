@@ -217,7 +217,9 @@ def main() -> None:
                     help="also print host ms per engine phase and the forward's GPU ms")
     ap.add_argument("--async-scheduling", default="on,off",
                     help="comma-separated: on (launch each step before the last step's "
-                    "tokens reach the host, the GPU default), off")
+                    "tokens reach the host, the device waiting for grammar masks: the GPU "
+                    "default), off; on-nogate (the engine thread waits for the masks), "
+                    "off-gate (the device does, in synchronous steps)")
     ap.add_argument("--switch-interval", type=float, default=None,
                     help="Python's GIL switch interval in seconds (default: a GPU pod's, "
                     f"{GPU_POD_SWITCH_INTERVAL_S}, on CUDA; Python's own on a CPU)")
@@ -241,12 +243,15 @@ def main() -> None:
     phases = Phases(engine) if args.phases else None
     breakdown: list[tuple[str, int, str, dict[str, float]]] = []
     timelines: list[tuple[str, list[str]]] = []
-    for overlap, fill, batch in (
-            (a == "on", f"{f}/{t}" if "," in args.fill_threads else f, int(b))
+    gate = engine.structured.gate
+    for mode, fill, batch in (
+            (a, f"{f}/{t}" if "," in args.fill_threads else f, int(b))
             for a in args.async_scheduling.split(",") for f in args.fill.split(",")
             for t in args.fill_threads.split(",") for b in args.batches.split(",")):
-        engine.async_scheduling = overlap
-        fill_mode, fill = fill, f"{fill}, async" if overlap else fill
+        engine.async_scheduling = overlap = mode.startswith("on")
+        gated = (overlap and mode != "on-nogate") or mode == "off-gate"
+        engine.structured.gate = gate if gated else None
+        fill_mode, fill = fill, f"{fill}, async {mode}"
         engine.structured.fill_inline = fill_mode.startswith("inline")
         engine.structured.fill_after_launch = fill_mode.startswith("after-launch")
         engine.structured.handoff_timeout_s = (0.0 if "-nowait" in fill_mode

@@ -37,6 +37,7 @@ from engine.external_kv import (
     RemotePlan,
     layer_written_hook,
 )
+from engine.host_gate import HostGate
 from engine.kv_layout import KVLayout, KVMemory, num_blocks_for
 from engine.model_runner import ModelRunner
 from engine.prefix_hash import chain_seed
@@ -89,6 +90,8 @@ class LLMEngine:
                                  else self.runner.device.type == "cuda")
         self._inflight: InFlight | None = None
         self._fence = StepFence()
+        if self.async_scheduling:  # the device waits for grammar masks, not this thread
+            self.structured.gate = HostGate.for_device(self.runner.device)
 
     @property
     def layout(self) -> KVLayout:
@@ -378,7 +381,8 @@ class LLMEngine:
                 rows.append(row)
         if not to_sample:
             return
-        if defer and self.async_scheduling and can_defer(to_sample, forked, plp is not None):
+        if defer and self.async_scheduling and can_defer(
+                to_sample, forked, plp is not None, self.structured.gate is not None):
             try:
                 drawn = draw_rows(logits, rows, to_sample, self.eos_token_ids, masks)
             except Exception:

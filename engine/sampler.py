@@ -64,7 +64,13 @@ class TokenMasks(Protocol):
 
     def bitmask(self, seqs: Seq[Sequence], device: torch.device) -> torch.Tensor | None:
         """[len(seqs), ceil(vocab / 32)] int32, bit t of a row set = token t allowed
-        (unconstrained rows all ones); None when no row is constrained."""
+        (unconstrained rows all ones); None when no row is constrained. The rows may
+        still be being written when it returns if the device waits for them."""
+        ...
+
+    def settle(self) -> list[int]:
+        """Before the draw's tokens are read: the rows (of ``bitmask``'s ``seqs``) whose
+        masks could not be made, so whose tokens must not be used."""
         ...
 
 
@@ -253,18 +259,22 @@ class DrawnTokens:
     ready: torch.cuda.Event | None  # recorded after the copy to ``host`` (GPU only)
     raw_logprobs: torch.Tensor | None
     want: list[int | None]  # each row's logprobs count (None: none)
+    masks: TokenMasks | None = None
 
     def result(self) -> list[tuple[int, TokenLogprob | None]]:
         """The tokens (and logprobs); raises RowSamplingError, naming the rows, if the
-        model's logits of some rows hold NaN (the other rows' tokens are in it: a row is
-        drawn the same whatever else is in its batch)."""
+        model's logits of some rows hold NaN or their grammar masks failed (the other rows'
+        tokens are in it: a row is drawn the same whatever else is in its batch)."""
+        no_mask = self.masks.settle() if self.masks is not None else []
         if self.ready is not None:
             self.ready.synchronize()  # waits with the GIL released
         token_list, bad = self.host.tolist()
-        if any(bad):
-            rows_bad = [i for i, b in enumerate(bad) if b]
-            raise RowSamplingError(f"the model's logits hold NaN for {len(rows_bad)} row(s)",
-                                   rows_bad, token_list)
+        if any(bad) or no_mask:
+            nan = [i for i, b in enumerate(bad) if b]
+            why = [f"the model's logits hold NaN for {len(nan)} row(s)"] if nan else []
+            why += [f"the grammar masks of {len(no_mask)} row(s) failed"] if no_mask else []
+            raise RowSamplingError("; ".join(why), sorted(set(nan) | set(no_mask)),
+                                   token_list)
         if self.raw_logprobs is None:
             return [(t, None) for t in token_list]
         return list(zip(token_list, _logprobs(self.raw_logprobs, self.tokens, token_list,
@@ -305,14 +315,14 @@ def draw(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: Seq[int],
     tokens = _draw(logits, rows, greedy) if rows.any_random else greedy
     both = torch.stack([tokens, nan_rows.long()])
     if logits.device.type != "cuda":
-        return DrawnTokens(tokens, both, None, raw_logprobs, want)
+        return DrawnTokens(tokens, both, None, raw_logprobs, want, masks)
     # one copy into pinned memory, queued like a kernel: the host learns the tokens when
     # it asks (DrawnTokens.result), and the next step may be launched before that
     host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
     host.copy_(both, non_blocking=True)
     ready = torch.cuda.Event()
     ready.record()
-    return DrawnTokens(tokens, host, ready, raw_logprobs, want)
+    return DrawnTokens(tokens, host, ready, raw_logprobs, want, masks)
 
 
 def sample(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: Seq[int],

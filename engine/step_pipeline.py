@@ -95,20 +95,23 @@ class AllOf:
         return all(h.finished() for h in self.holds)
 
 
-# Constrained rows whose tokens may stay on the device. Their next masks can only be filled
-# once the tokens are known, and the engine thread then waits for that fill before it can
-# queue the sampler and the next forward, so the fill lands on the host's launch chain. On
-# an H200 (a 1B model, a JSON schema, bench/RESULTS.md 2026-12-01): at batch 32 (a 1.1 ms
-# fill) async scheduling gave 10.9-11.5k tok/s against 11.8-13.0k waiting for the tokens,
-# whose fill, begun at the step's end (prefetch), hides under the next forward instead; at
-# batch 1 (a 0.1 ms fill) 521-681 against 560-587. (Putting that wait on the device instead
-# -- a stream waiting on a host-written counter -- did not work on that card.)
+# Constrained rows whose tokens may stay on the device when the engine thread itself must
+# wait for their next masks (no host gate: engine.host_gate). Their masks can only be
+# filled once the tokens are known, and the engine thread then waits for that fill before
+# it can queue the sampler and the next forward, so the fill lands on the host's launch
+# chain. On an H200 (a 1B model, a JSON schema, bench/RESULTS.md 2026-12-01): at batch 32
+# (a 1.1 ms fill) that gave 10.9-11.5k tok/s against 11.8-13.0k waiting for the tokens,
+# whose fill, begun at the step's end (prefetch), hides under the next forward instead. With
+# a gate the device waits for the fill and the engine thread goes on: no limit.
 MAX_DEFERRED_CONSTRAINED = 4
 
 
-def can_defer(seqs: Seq[Sequence], forked: bool, prompt_logprobs: bool) -> bool:
+def can_defer(seqs: Seq[Sequence], forked: bool, prompt_logprobs: bool,
+              gated_masks: bool = False) -> bool:
     """Whether a step's drawn tokens may stay on the device until the next step: each must
-    need nothing from the draw but its id, and few enough must need grammar masks."""
+    need nothing from the draw but its id, and, unless the device waits for grammar masks
+    (``gated_masks``), few enough may need them."""
     constrained = sum(s.params.structured_outputs is not None for s in seqs)
-    return not forked and not prompt_logprobs and constrained <= MAX_DEFERRED_CONSTRAINED \
+    few = gated_masks or constrained <= MAX_DEFERRED_CONSTRAINED
+    return not forked and not prompt_logprobs and few \
         and all(s.params.logprobs is None and not s.prefill_only for s in seqs)

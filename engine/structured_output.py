@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from engine.grammar import COMPILE_TIMEOUT_S, GrammarCompiler, first_line, tokenizer_factory_for
+from engine.host_gate import GateTicket, HostGate
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
@@ -107,6 +108,10 @@ class StepMasks:
     job: Future | _Deferred
     lengths: dict[int, int]  # seq_id -> its num_tokens when the fill began
     timed_out: bool = False
+    # When the device waits for the rows (a host gate), the sampler's rows that took them,
+    # to fail if the fill did (``settle``), and the armed wait, opened when the fill ends.
+    gated_rows: list[int] | None = None
+    ticket: GateTicket | None = None
 
     def covers(self, seqs: Seq[Sequence]) -> bool:
         """Whether these rows are the masks of ``seqs`` as they stand now."""
@@ -127,7 +132,10 @@ class StepMasks:
             raise RuntimeError(f"grammar masks took longer than {MASK_TIMEOUT_S} s")
 
     def bitmask(self, seqs: Seq[Sequence], device: torch.device) -> torch.Tensor | None:
-        self.wait()
+        gate = self.owner.gate if isinstance(self.job, Future) else None
+        if gate is None or device.type != "cuda":
+            gate = None
+            self.wait()
         dst: list[int] = []
         src: list[int] = []
         late: list[tuple[int, Sequence]] = []
@@ -144,6 +152,10 @@ class StepMasks:
                 src.append(row)
         if not dst and not late:
             return None
+        if gate is not None and not late:
+            return self._gated(gate, dst, src, len(seqs), device)
+        if gate is not None:  # rows not planned: filled here, after the planned ones
+            self.wait()
         if not late and dst == src and len(dst) == len(seqs) == self.filled.shape[0]:
             # every row sampled is constrained and planned in this order (the common
             # case): the pinned rows go to the device as they are, asynchronously
@@ -157,6 +169,38 @@ class StepMasks:
             extra = self.owner.fill([s for _, s in late], words)
             out[torch.tensor([i for i, _ in late])] = extra
         return out.to(device, non_blocking=True)
+
+    def _gated(self, gate: HostGate, dst: list[int], src: list[int], rows: int,
+               device: torch.device) -> torch.Tensor:
+        """The rows' copy queued behind a wait the fill's end opens: the engine thread
+        goes on without waiting (the copy reads the pinned rows when the device runs it)."""
+        assert isinstance(self.job, Future)
+        self.ticket = ticket = gate.arm()
+        self.gated_rows = dst
+        self.job.add_done_callback(lambda _: ticket.open())  # however the fill ends
+        filled = self.filled.to(device, non_blocking=True)
+        if dst == src and len(dst) == rows == self.filled.shape[0]:
+            return filled
+        out = torch.full((rows, self.filled.shape[1]), -1, dtype=torch.int32, device=device)
+        out[torch.tensor(dst).to(device, non_blocking=True)] = filled[
+            torch.tensor(src).to(device, non_blocking=True)]
+        return out
+
+    def settle(self) -> list[int]:
+        """Before the draw's tokens are read: the rows whose masks the device used
+        without their fill having succeeded (their tokens must not be used). Waits for a
+        gated fill (bounded) and opens its gate in any case, so the device never waits on
+        a fill that will not end."""
+        if self.ticket is None:
+            return []
+        try:
+            self.wait()
+        except Exception:
+            log.exception("a bitmask fill failed: its rows fail")
+            return list(self.gated_rows or [])
+        finally:
+            self.ticket.open()
+        return []
 
 
 class StructuredOutputs:
@@ -186,6 +230,9 @@ class StructuredOutputs:
         self._last: StepMasks | None = None
         self._buffers: list[torch.Tensor] = []  # two host row buffers, used in turn
         self.times = MaskTimes()
+        # Set by the engine on a GPU (engine.host_gate): the device, not the engine
+        # thread, waits for a step's masks.
+        self.gate: HostGate | None = None
 
     @classmethod
     def for_model(cls, model_dir: str | Path, vocab_size: int, eos_ids: Seq[int],
@@ -340,4 +387,6 @@ class StructuredOutputs:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.gate is not None:
+            self.gate.close()
         self.compiler.close()

@@ -217,6 +217,10 @@ def test_rows_that_need_more_than_their_token_are_resolved_in_their_step():
     few = [_seq(SamplingParams(structured_outputs=spec))] * MAX_DEFERRED_CONSTRAINED
     assert can_defer(few + [_seq(SamplingParams())] * 20, False, False)
     assert not can_defer([*few, _seq(SamplingParams(structured_outputs=spec))], False, False)
+    # ... unless the device waits for the masks (engine.host_gate)
+    assert can_defer([*few, _seq(SamplingParams(structured_outputs=spec))], False, False,
+                     gated_masks=True)
+    assert not can_defer([_seq(seq)], False, False, gated_masks=True)
 
 
 def _seq(params: SamplingParams, prefill_only: bool = False):

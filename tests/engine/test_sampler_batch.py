@@ -126,6 +126,9 @@ def test_bitmask_allows_only_its_tokens_greedy_and_sampled() -> None:
         def bitmask(self, seqs, device):
             return mask[:len(seqs)].to(device)
 
+        def settle(self):
+            return []
+
     greedy = sample(logits.clone(), [_seq(SamplingParams(temperature=0.0)),
                              _seq(SamplingParams(temperature=0.0), seq_id=1)], [], Masks())
     best = max(allowed, key=lambda t: logits[0, t].item())
@@ -137,6 +140,9 @@ def test_bitmask_allows_only_its_tokens_greedy_and_sampled() -> None:
     class Wide:
         def bitmask(self, seqs, device):
             return mask[:1].expand(len(seqs), -1).contiguous()
+
+        def settle(self):
+            return []
 
     drawn = {t for t, _ in sample(logits[:1].expand(n, -1).contiguous(), seqs, [], Wide())}
     assert drawn == allowed
