@@ -53,6 +53,8 @@ for step in "${@:-transfer}"; do
       done
       ;;
     checks)  # greedy GPU tokens = the CPU path's, graphs and async scheduling on/off
+      python3 -m pytest -q -p no:cacheprovider tests/engine/test_host_gate.py 2>&1 \
+        | tee "$OUT/host_gate_tests.txt"
       python3 bench/gpu_engine.py --checks-only 2>&1 | tee "$OUT/gpu_checks.txt"
       ;;
     cuda-tests)
