@@ -43,7 +43,8 @@ for step in "${@:-transfer}"; do
         --out /tmp/m1b --layers 16 --hidden 2048 --heads 32 --kv-heads 8 --intermediate 8192 \
         --vocab 128256 --dtype bfloat16 --device cuda 2>&1 | tail -1
       for sw in ${SWITCH:-0.0005}; do  # GIL switch intervals, seconds (a pod's: 0.0005)
-        python3 bench/structured_bench.py --model /tmp/m1b --device cuda --dtype bfloat16 \
+        PYTHONFAULTHANDLER=1 timeout -s ABRT "${BENCH_TIMEOUT:-400}" \
+          python3 bench/structured_bench.py --model /tmp/m1b --device cuda --dtype bfloat16 \
           --batches "${BATCHES:-1,32}" --max-tokens 128 --repeat "${REPEAT:-2}" \
           --fill "${FILL:-worker}" --fill-threads "${FILL_THREADS:-1}" \
           --async-scheduling "${ASYNC:-on,off}" $([ "${PHASES:-0}" = 1 ] && echo --phases) \
@@ -53,9 +54,11 @@ for step in "${@:-transfer}"; do
       done
       ;;
     checks)  # greedy GPU tokens = the CPU path's, graphs and async scheduling on/off
-      python3 -m pytest -q -p no:cacheprovider tests/engine/test_host_gate.py 2>&1 \
-        | tee "$OUT/host_gate_tests.txt"
-      python3 bench/gpu_engine.py --checks-only 2>&1 | tee "$OUT/gpu_checks.txt"
+      # (SIGABRT on a hang: faulthandler prints every thread's stack)
+      PYTHONFAULTHANDLER=1 timeout -s ABRT 120 python3 -m pytest -q -p no:cacheprovider \
+        tests/engine/test_host_gate.py 2>&1 | tee "$OUT/host_gate_tests.txt"
+      PYTHONFAULTHANDLER=1 timeout -s ABRT "${CHECKS_TIMEOUT:-300}" python3 \
+        bench/gpu_engine.py --checks-only 2>&1 | tee "$OUT/gpu_checks.txt"
       ;;
     cuda-tests)
       python3 -m pytest -q -p no:cacheprovider tests/kv_transfer/test_kv_cuda.py \
@@ -111,7 +114,8 @@ for step in "${@:-transfer}"; do
         --vocab 128256 --dtype bfloat16 --device cuda 2>&1 | tail -1
       mkdir -p "$OUT/structured_profile"
       py-spy record -r 500 -f raw --idle --threads -o "$OUT/structured_profile/engine.txt" -- \
-        python3 bench/structured_bench.py --model /tmp/m1b --device cuda --dtype bfloat16 \
+        PYTHONFAULTHANDLER=1 timeout -s ABRT "${BENCH_TIMEOUT:-400}" \
+          python3 bench/structured_bench.py --model /tmp/m1b --device cuda --dtype bfloat16 \
         --batches 32 --max-tokens 256 --repeat 1 2>&1 | tail -4 | tee "$OUT/structured_profile/bench.txt"
       python3 bench/py_spy_summary.py "$OUT/structured_profile/engine.txt" \
         > "$OUT/structured_profile/summary.txt" 2>&1

@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from engine.device import to_device
 from engine.grammar import COMPILE_TIMEOUT_S, GrammarCompiler, first_line, tokenizer_factory_for
 from engine.host_gate import GateTicket, HostGate
 from engine.sampling_params import SamplingParams
@@ -182,8 +183,7 @@ class StepMasks:
         if dst == src and len(dst) == rows == self.filled.shape[0]:
             return filled
         out = torch.full((rows, self.filled.shape[1]), -1, dtype=torch.int32, device=device)
-        out[torch.tensor(dst).to(device, non_blocking=True)] = filled[
-            torch.tensor(src).to(device, non_blocking=True)]
+        out[to_device(torch.tensor(dst), device)] = filled[to_device(torch.tensor(src), device)]
         return out
 
     def settle(self) -> list[int]:

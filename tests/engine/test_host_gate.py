@@ -37,12 +37,14 @@ def test_a_copy_behind_the_gate_reads_what_the_host_wrote_before_opening() -> No
 def test_each_ticket_opens_once_and_gates_pass_in_stream_order() -> None:
     gate = HostGate()
     x = torch.zeros(4, device="cuda")
-    first, second = gate.arm(), None
-    x[0] = 1.0
+    first = gate.arm()
+    # (kernels only behind a closed gate: a copy from pageable memory, as ``x[0] = 1.0``
+    # makes, waits for the stream, so this thread would never reach its open())
+    x[0].fill_(1.0)
     e1 = torch.cuda.Event()
     e1.record()
     second = gate.arm()
-    x[1] = 2.0
+    x[1].fill_(2.0)
     e2 = torch.cuda.Event()
     e2.record()
     assert first.open() and not first.open()  # a second open of one ticket posts nothing
