@@ -207,7 +207,8 @@ def main() -> None:
                     "end: the engine's default), after-launch (a worker thread, begun just "
                     "after the forward's launch, no prefetch), inline (the engine thread, "
                     "when sampling needs them); -nowait after worker or after-launch: the "
-                    "engine thread does not wait for the worker to take the GIL")
+                    "engine thread does not wait for the worker to take the GIL; -rows: "
+                    "one llguidance call per row")
     ap.add_argument("--torch-profile", type=Path, default=None,
                     help="write torch.profiler's kernel table of one free and one JSON run "
                     "at the largest batch here")
@@ -253,6 +254,7 @@ def main() -> None:
         engine.structured.gate = gate if gated else None
         fill_mode, fill = fill, f"{fill}, async {mode}"
         engine.structured.fill_inline = fill_mode.startswith("inline")
+        engine.structured.fill_row_by_row = "-rows" in fill_mode
         engine.structured.fill_after_launch = fill_mode.startswith("after-launch")
         engine.structured.handoff_timeout_s = (0.0 if "-nowait" in fill_mode
                                                else HANDOFF_TIMEOUT_S)

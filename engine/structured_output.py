@@ -226,6 +226,8 @@ class StructuredOutputs:
         self._executor: Any = None  # llguidance.LLExecutor, made on first use
         self._executor_one: Any = None  # the same with few threads (small fills)
         self.small_fill_threads = 1  # its thread count (bench/structured_bench.py varies it)
+        # one llguidance call per row (measured: bench/structured_bench.py's -rows modes)
+        self.fill_row_by_row = False
         self.handoff_timeout_s = HANDOFF_TIMEOUT_S  # 0: hand nothing over (the bench's -nowait)
         self._last: StepMasks | None = None
         self._buffers: list[torch.Tensor] = []  # two host row buffers, used in turn
@@ -358,7 +360,11 @@ class StructuredOutputs:
         executor = self._ll_executor(len(pairs))
         if started is not None:
             started.set()
-        _fill(executor, pairs, out)
+        if self.fill_row_by_row:
+            for pair in pairs:
+                _fill(executor, [pair], out)
+        else:
+            _fill(executor, pairs, out)
         self.times.fill += time.perf_counter() - t0
 
     def advance(self, seq: Sequence, token: int) -> bool:
