@@ -111,6 +111,9 @@ def test_min_tokens_with_a_grammar_of_stop_tokens_only_keeps_the_grammar() -> No
                 mask[0, t // 32] |= 1 << t
             return mask
 
+        def settle(self) -> list[int]:
+            return []
+
     seq = _seq(SamplingParams(temperature=0.0, min_tokens=4, stop_token_ids=[5]))
     (token, _), = sample(logits.clone(), [seq], eos_ids=[0], masks=Masks())
     assert token == max(allowed, key=lambda t: logits[0, t].item())
@@ -130,6 +133,9 @@ def test_a_grammar_that_allows_no_token_of_the_vocabulary_leaves_its_row_unmaske
             mask[0, 1] = 1 << (55 - 32)
             mask[1, 0] = 1 << 7
             return mask
+
+        def settle(self) -> list[int]:
+            return []
 
     seqs = [_seq(SamplingParams(temperature=0.0), seq_id=i) for i in range(2)]
     out = sample(logits.clone(), seqs, eos_ids=[0], masks=Masks())
