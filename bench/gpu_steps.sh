@@ -47,6 +47,7 @@ for step in "${@:-transfer}"; do
           python3 bench/structured_bench.py --model /tmp/m1b --device cuda --dtype bfloat16 \
           --batches "${BATCHES:-1,32}" --max-tokens 128 --repeat "${REPEAT:-2}" \
           --fill "${FILL:-worker}" --fill-threads "${FILL_THREADS:-1}" \
+          --slices "${SLICES:-json}" \
           --async-scheduling "${ASYNC:-on,off}" $([ "${PHASES:-0}" = 1 ] && echo --phases) \
           --switch-interval "$sw" $([ "${PROFILE:-0}" = 1 ] && echo --torch-profile \
           "$OUT/structured_kernels_$sw.txt") 2>&1 \

@@ -214,6 +214,9 @@ def main() -> None:
                     "at the largest batch here")
     ap.add_argument("--fill-threads", default="1",
                     help="comma-separated llguidance thread counts for fills of up to 32 rows")
+    ap.add_argument("--slices", choices=["general", "json"], default="json",
+                    help="llguidance's slicer optimisation: its JSON slices (the engine's) "
+                    "or its general ones")
     ap.add_argument("--phases", action="store_true",
                     help="also print host ms per engine phase and the forward's GPU ms")
     ap.add_argument("--async-scheduling", default="on,off",
@@ -230,6 +233,11 @@ def main() -> None:
     engine = LLMEngine(args.model, EngineArgs(device=args.device, dtype=args.dtype,
                                               num_kv_blocks=4096, max_num_seqs=256,
                                               cpu_threads=args.threads or None))
+    if args.slices != "json":  # llguidance's general slices instead of the engine's JSON ones
+        from engine.grammar import GrammarCompiler, tokenizer_factory_for
+
+        engine.structured.compiler = GrammarCompiler(tokenizer_factory_for(
+            args.model, engine.config.vocab_size, engine.eos_token_ids, args.slices))
     where = (torch.cuda.get_device_name() if args.device == "cuda" else "cpu") + \
         f" ({torch.get_num_threads()} torch CPU threads)"
     print(f"decode tokens/s, {args.model} on {where}, {args.dtype}, {args.max_tokens} tokens "
