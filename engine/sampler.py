@@ -40,6 +40,7 @@ from engine.logits_processors import (
 )
 from engine.sampling_params import SAMPLING_EPS
 from engine.sequence import Sequence, TokenLogprob
+from kernels import ops
 
 log = logging.getLogger(__name__)
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -113,6 +114,9 @@ class _Rows:
     filtered: list[bool]
     any_penalty: bool
     any_min_tokens: bool
+    # greedy or temperature-only rows without a min_tokens ban this step: on a GPU they
+    # are drawn by kernels.triton_sampler (same draw, two launches), whatever their batch
+    plain: list[bool]
 
     @classmethod
     def of(cls, seqs: Seq[Sequence], vocab: int) -> _Rows:
@@ -137,7 +141,10 @@ class _Rows:
                       for p, k, r in zip(params, top_k, randoms, strict=True)],
             any_penalty=any(p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0
                             or p.presence_penalty != 0.0 for p in params),
-            any_min_tokens=any(s.num_output_tokens < s.params.min_tokens for s in seqs))
+            any_min_tokens=any(s.num_output_tokens < s.params.min_tokens for s in seqs),
+            plain=[not (r and (k < vocab or p.top_p < 1.0 or p.min_p > 0.0))
+                   and s.num_output_tokens >= p.min_tokens
+                   for s, p, k, r in zip(seqs, params, top_k, randoms, strict=True)])
 
 
 def _device_list(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -295,13 +302,42 @@ def draw(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: Seq[int],
     want = [s.params.logprobs for s in seqs]
     raw_logprobs = (torch.log_softmax(logits, dim=-1)
                     if any(k is not None for k in want) else None)
-    nan_rows = torch.isnan(logits).any(dim=-1)  # read with the tokens: no extra sync
+    fused = any(rows.plain) and ops.use_triton(logits)
+    only_fused = fused and all(rows.plain)
+    # read with the tokens: no extra sync (the fused kernel finds NaN rows itself)
+    nan_rows = None if only_fused else torch.isnan(logits).any(dim=-1)
     # in place: the raw logits were read above if logprobs need them
     if rows.any_penalty:
         apply_penalties(logits, seqs, eos_ids)
     # The grammar masks are waited for only now, with the work that does not need them
     # already queued behind the forward (their fill runs on a worker meanwhile).
     bitmask = masks.bitmask(seqs, logits.device) if masks is not None else None
+    picked = _draw_plain(logits, rows, bitmask) if fused else None
+    if only_fused:
+        assert picked is not None
+        return _queue_copy(picked[0], picked, raw_logprobs, want, masks)
+    assert nan_rows is not None
+    tokens = _draw_general(logits, rows, bitmask, seqs, eos_ids)
+    if picked is not None:
+        plain = _device_list(rows.plain, torch.bool, logits.device)
+        tokens = torch.where(plain, picked[0], tokens)
+    return _queue_copy(tokens, torch.stack([tokens, nan_rows.long()]), raw_logprobs, want,
+                       masks)
+
+
+def _draw_plain(logits: torch.Tensor, rows: _Rows, bitmask: torch.Tensor | None
+                ) -> torch.Tensor:
+    """[2, rows]: every row drawn as a plain one (kernels.triton_sampler), and NaN flags."""
+    floats = torch.tensor(np.stack([np.asarray(rows.temperature, dtype=np.float32),
+                                    rows.uniform]), dtype=torch.float32)
+    floats = to_device(floats, logits.device)
+    return ops.sample_plain(logits, bitmask, floats[0], floats[1])
+
+
+def _draw_general(logits: torch.Tensor, rows: _Rows, bitmask: torch.Tensor | None,
+                  seqs: Seq[Sequence], eos_ids: Seq[int]) -> torch.Tensor:
+    """Every row's token by the torch path (masks and the min_tokens ban in place)."""
+    vocab = logits.shape[1]
     if bitmask is not None and not rows.any_min_tokens:
         apply_bitmask(logits, open_empty_rows(bitmask, vocab))
     elif rows.any_min_tokens or bitmask is not None:
@@ -312,9 +348,13 @@ def draw(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: Seq[int],
             apply_bitmask(logits, bitmask)
         revive_dead_rows(logits, before, bitmask, rows.any_min_tokens)
     greedy = torch.argmax(logits, dim=-1)
-    tokens = _draw(logits, rows, greedy) if rows.any_random else greedy
-    both = torch.stack([tokens, nan_rows.long()])
-    if logits.device.type != "cuda":
+    return _draw(logits, rows, greedy) if rows.any_random else greedy
+
+
+def _queue_copy(tokens: torch.Tensor, both: torch.Tensor, raw_logprobs: torch.Tensor | None,
+                want: list[int | None], masks: TokenMasks | None) -> DrawnTokens:
+    """``both``: [2, rows] int64, tokens and NaN flags, on their way to the host."""
+    if both.device.type != "cuda":
         return DrawnTokens(tokens, both, None, raw_logprobs, want, masks)
     # one copy into pinned memory, queued like a kernel: the host learns the tokens when
     # it asks (DrawnTokens.result), and the next step may be launched before that

@@ -62,6 +62,14 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
         reference.apply_token_bitmask(logits, bitmask)
 
 
+def sample_plain(logits: torch.Tensor, bitmask: torch.Tensor | None,
+                 temperature: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Greedy or temperature-only rows drawn in two launches (Triton only: the caller
+    checks ``use_triton``); [2, rows] int64, tokens and NaN flags (kernels.triton_sampler)."""
+    from kernels import triton_sampler
+    return triton_sampler.sample_plain(logits, bitmask, temperature, uniform)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if use_triton(x):
         from kernels import triton_norm
