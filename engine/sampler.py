@@ -289,20 +289,21 @@ class DrawnTokens:
 
 
 def draw(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: Seq[int],
-         masks: TokenMasks | None = None) -> DrawnTokens:
+         masks: TokenMasks | None = None, plain_kernel: bool = True) -> DrawnTokens:
     """logits: [len(seqs), vocab] float32, one row per sequence to sample for; they may be
     modified in place (penalties, masks). Queues the whole draw and returns without
     waiting for the device.
 
     Logprobs are those of the raw model logits (before penalties, masks and temperature),
-    as vLLM reports them by default.
+    as vLLM reports them by default. ``plain_kernel=False``: plain rows too by the torch
+    path (bench/sampler_bench.py's baseline).
     """
     vocab = logits.shape[1]
     rows = _Rows.of(seqs, vocab)
     want = [s.params.logprobs for s in seqs]
     raw_logprobs = (torch.log_softmax(logits, dim=-1)
                     if any(k is not None for k in want) else None)
-    fused = any(rows.plain) and ops.use_triton(logits)
+    fused = plain_kernel and any(rows.plain) and ops.use_triton(logits)
     only_fused = fused and all(rows.plain)
     # read with the tokens: no extra sync (the fused kernel finds NaN rows itself)
     nan_rows = None if only_fused else torch.isnan(logits).any(dim=-1)
@@ -366,9 +367,10 @@ def _queue_copy(tokens: torch.Tensor, both: torch.Tensor, raw_logprobs: torch.Te
 
 
 def sample(logits: torch.Tensor, seqs: Seq[Sequence], eos_ids: Seq[int],
-           masks: TokenMasks | None = None) -> list[tuple[int, TokenLogprob | None]]:
+           masks: TokenMasks | None = None, plain_kernel: bool = True
+           ) -> list[tuple[int, TokenLogprob | None]]:
     """``draw`` and wait for its tokens: the step's one sync."""
-    return draw(logits, seqs, eos_ids, masks).result()
+    return draw(logits, seqs, eos_ids, masks, plain_kernel).result()
 
 
 def draw_rows(logits: torch.Tensor, rows: list[int], seqs: Seq[Sequence], eos_ids: Seq[int],
