@@ -7,6 +7,8 @@
 # install` makes them); they stay installed while the machine is held.
 #   model       make the random bf16 Llama-3-8B-shaped model in /tmp/m8b (on the GPU)
 #   structured  issue 14: sampler per step, decode tok/s with a JSON schema vs unconstrained
+#               (SAMPLER=0: skip the sampler's bench; SAMPLER_PATH=kernel,torch: the engine
+#               with the Triton sampler and without it; needs .whl/base and .whl/extra)
 #   checks      GPU greedy tokens = the CPU path's (graphs, async scheduling on and off)
 #   cuda-tests  the connectors' and the tier's CUDA tests
 #   transfer    issue 9: bench/kv_transfer.py, nccl / ucx / ucx-packed vs raw NCCL and copy
@@ -47,7 +49,7 @@ for step in "${@:-transfer}"; do
           python3 bench/structured_bench.py --model /tmp/m1b --device cuda --dtype bfloat16 \
           --batches "${BATCHES:-1,32}" --max-tokens 128 --repeat "${REPEAT:-2}" \
           --fill "${FILL:-worker}" --fill-threads "${FILL_THREADS:-1}" \
-          --slices "${SLICES:-json}" \
+          --slices "${SLICES:-json}" --sampler "${SAMPLER_PATH:-kernel}" \
           --async-scheduling "${ASYNC:-on,off}" $([ "${PHASES:-0}" = 1 ] && echo --phases) \
           --switch-interval "$sw" $([ "${PROFILE:-0}" = 1 ] && echo --torch-profile \
           "$OUT/structured_kernels_$sw.txt") 2>&1 \

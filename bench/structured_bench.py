@@ -224,6 +224,9 @@ def main() -> None:
                     "tokens reach the host, the device waiting for grammar masks: the GPU "
                     "default), off; on-nogate (the engine thread waits for the masks), "
                     "off-gate (the device does, in synchronous steps)")
+    ap.add_argument("--sampler", default="kernel",
+                    help="comma-separated: kernel (plain rows drawn by the Triton sampler on "
+                    "a GPU: the default), torch (by the torch path)")
     ap.add_argument("--switch-interval", type=float, default=None,
                     help="Python's GIL switch interval in seconds (default: a GPU pod's, "
                     f"{GPU_POD_SWITCH_INTERVAL_S}, on CUDA; Python's own on a CPU)")
@@ -253,14 +256,17 @@ def main() -> None:
     breakdown: list[tuple[str, int, str, dict[str, float]]] = []
     timelines: list[tuple[str, list[str]]] = []
     gate = engine.structured.gate
-    for mode, fill, batch in (
-            (a, f"{f}/{t}" if "," in args.fill_threads else f, int(b))
+    for sampler, mode, fill, batch in (
+            (k, a, f"{f}/{t}" if "," in args.fill_threads else f, int(b))
+            for k in args.sampler.split(",")
             for a in args.async_scheduling.split(",") for f in args.fill.split(",")
             for t in args.fill_threads.split(",") for b in args.batches.split(",")):
+        engine.plain_sampler_kernel = sampler == "kernel"
         engine.async_scheduling = overlap = mode.startswith("on")
         gated = (overlap and mode != "on-nogate") or mode == "off-gate"
         engine.structured.gate = gate if gated else None
-        fill_mode, fill = fill, f"{fill}, async {mode}"
+        fill_mode, fill = fill, f"{fill}, async {mode}" + (
+            f", {sampler} sampler" if "," in args.sampler else "")
         engine.structured.fill_inline = fill_mode.startswith("inline")
         engine.structured.fill_row_by_row = "-rows" in fill_mode
         engine.structured.fill_after_launch = fill_mode.startswith("after-launch")

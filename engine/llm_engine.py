@@ -90,6 +90,9 @@ class LLMEngine:
                                  else self.runner.device.type == "cuda")
         self._inflight: InFlight | None = None
         self._fence = StepFence()
+        # plain rows drawn by the Triton sampler on a GPU (False: the torch path, which
+        # bench/structured_bench.py's --sampler torch measures against)
+        self.plain_sampler_kernel = True
         if self.async_scheduling:  # the device waits for grammar masks, not this thread
             self.structured.gate = HostGate.for_device(self.runner.device)
 
@@ -384,7 +387,8 @@ class LLMEngine:
         if defer and self.async_scheduling and can_defer(
                 to_sample, forked, plp is not None, self.structured.gate is not None):
             try:
-                drawn = draw_rows(logits, rows, to_sample, self.eos_token_ids, masks)
+                drawn = draw_rows(logits, rows, to_sample, self.eos_token_ids, masks,
+                                  self.plain_sampler_kernel)
             except Exception:
                 log.exception("sampling %d rows failed: sampling them one at a time",
                               len(to_sample))
@@ -394,7 +398,7 @@ class LLMEngine:
                 self._inflight = InFlight(to_sample, drawn)
                 return
         self._append_rows(to_sample, sample_rows(logits, rows, to_sample, self.eos_token_ids,
-                                                 masks))
+                                                 masks, self.plain_sampler_kernel))
         if masks is not None:
             self.structured.prefetch(to_sample)  # the next step's masks, from now on
 
