@@ -4,7 +4,9 @@ A batch costs a fixed number of tensor operations whatever its size: per-row par
 (temperature, top-k/p, min-p, penalties, seeds) travel to the device as two small tensors,
 penalties and the grammar bitmask are applied with batched scatters and masks, and every
 row is drawn by inverse-CDF sampling from one uniform per row. Nothing loops over the
-sequences on the device, and no ``torch.Generator`` is made per token.
+sequences on the device, and no ``torch.Generator`` is made per token. On a GPU, rows that
+are greedy or temperature-only (mask included) are drawn by kernels.triton_sampler in two
+launches; which path draws a row depends on the row alone.
 
 Randomness is counter-based: the uniform behind a sequence's k-th output token is a hash
 of (request seed, sequence index, k) computed on the host with exact 64-bit integer
