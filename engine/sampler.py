@@ -31,6 +31,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from engine.counter_uniforms import counter_uniforms
 from engine.device import to_device
 from engine.errors import PdserveError
 from engine.logits_processors import (
@@ -45,10 +46,6 @@ from engine.sequence import Sequence, TokenLogprob
 from kernels import ops
 
 log = logging.getLogger(__name__)
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
 _NEG_INF = float("-inf")
 
 
@@ -75,27 +72,6 @@ class TokenMasks(Protocol):
         """Before the draw's tokens are read: the rows (of ``bitmask``'s ``seqs``) whose
         masks could not be made, so whose tokens must not be used."""
         ...
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        z = x + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _MIX1
-        z = (z ^ (z >> np.uint64(27))) * _MIX2
-        return z ^ (z >> np.uint64(31))
-
-
-def counter_uniforms(seeds: Seq[int], indices: Seq[int], positions: Seq[int]) -> np.ndarray:
-    """One uniform in (0, 1) per row, a pure function of (seed, index, position).
-
-    A chained splitmix64 over the three counters; 24 bits of the result make a float32
-    exactly, offset by half a step so that neither 0 nor 1 can come out.
-    """
-    s = np.array([v & 0xFFFFFFFFFFFFFFFF for v in seeds], dtype=np.uint64)
-    i = np.array(indices, dtype=np.uint64)
-    p = np.array(positions, dtype=np.uint64)
-    z = _splitmix64(_splitmix64(_splitmix64(s) ^ i) ^ p)
-    return (((z >> np.uint64(40)).astype(np.float64) + 0.5) / float(1 << 24)).astype(np.float32)
 
 
 @dataclass(slots=True)

@@ -15,8 +15,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from engine.counter_uniforms import counter_uniforms
 from engine.logits_processors import apply_bitmask
-from engine.sampler import counter_uniforms, sample
+from engine.sampler import sample
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
