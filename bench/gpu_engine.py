@@ -49,7 +49,44 @@ def check_greedy(tmp: Path) -> list[str]:
             print(rows[-1], flush=True)
             assert same == len(prompts), f"{arch} graphs={graphs}: GPU tokens differ from CPU"
     rows += check_async_sampled(tmp / "llama", prompts)
+    rows.append(check_triton_sampler())
     return rows
+
+
+def check_triton_sampler(rows: int = 256, vocab: int = 128256) -> str:
+    """kernels.triton_sampler on the GPU against a float64 reference of the same draw
+    (masked softmax, CDF, u x total): every row equal but those whose u x total lies within
+    1e-5 of a CDF step (of the total), where fp32 sums may land on either side."""
+    from engine.logits_processors import open_empty_rows
+    from kernels import reference, triton_sampler
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    logits = (torch.randn(rows, vocab, generator=g, device="cuda") * 3).bfloat16().float()
+    bitmask = torch.randint(-2**31, 2**31, (rows, (vocab + 31) // 32), generator=g,
+                            device="cuda", dtype=torch.int64).to(torch.int32)
+    bitmask[::4] = -1  # unconstrained rows
+    bitmask[1::16] = 0  # rows that allow nothing: drawn unmasked
+    temperature = torch.where(torch.arange(rows, device="cuda") % 5 == 0, 0.0,
+                              torch.rand(rows, generator=g, device="cuda") + 0.3)
+    uniform = torch.rand(rows, generator=g, device="cuda").clamp(1e-6, 1 - 1e-6)
+    out = triton_sampler.sample_plain(logits, bitmask, temperature, uniform)
+    x = logits.double()
+    reference.apply_token_bitmask(x, open_empty_rows(bitmask, vocab))
+    greedy = x.argmax(dim=-1)
+    cdf = torch.cumsum(torch.softmax(x / torch.where(temperature == 0, 1.0, temperature
+                                                     ).double().unsqueeze(1), dim=-1), dim=-1)
+    target = (uniform.double() * cdf[:, -1]).unsqueeze(1)
+    drawn = torch.searchsorted(cdf, target, right=True).clamp(max=vocab - 1).squeeze(1)
+    expected = torch.where(temperature == 0, greedy, drawn)
+    near = (cdf - target).abs().min(dim=-1).values < 1e-5
+    differ = out[0] != expected
+    bad = int((differ & ~(near & (temperature > 0))).sum())
+    line = (f"| Triton sampler | {rows} rows x {vocab} tokens, masked and not | "
+            f"{rows - int(differ.sum())}/{rows} equal a float64 reference, "
+            f"{int(differ.sum()) - bad} within 1e-5 of a CDF step, {bad} otherwise |")
+    print(line, flush=True)
+    assert bad == 0 and not out[1].any(), "the Triton sampler differs from its reference"
+    return line
 
 
 def check_async_sampled(model: Path, prompts: list[list[int]]) -> list[str]:
