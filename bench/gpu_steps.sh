@@ -39,6 +39,7 @@ for step in "${@:-transfer}"; do
   case "$step" in
     model) make_8b ;;
     structured)
+      python3 bench/gil_handoff.py 2>&1 | tee "$OUT/gil_handoff.txt"  # host only, ~2 s
       [ "${SAMPLER:-1}" = 0 ] || python3 bench/sampler_bench.py --device cuda \
         --batches 1,64,256 --repeat 5 --warmup 2 2>&1 | tee "$OUT/sampler_gpu.txt"
       [ -f /tmp/m1b/config.json ] || python3 -m pdserve.cli make-model --arch llama \
