@@ -137,6 +137,7 @@ def sample_plain(logits: torch.Tensor, bitmask: torch.Tensor | None,
     (bit t of a row set = token t allowed); temperature: [rows] float32, 0 = greedy;
     uniform: [rows] float32 in (0, 1), the row's draw. All on one device."""
     rows, vocab = logits.shape
+    assert vocab < 2**24, "token indices travel as float32 between the two launches"
     assert logits.stride(1) == 1 and temperature.shape == uniform.shape == (rows,)
     assert temperature.dtype == uniform.dtype == torch.float32
     if bitmask is not None:
