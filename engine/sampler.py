@@ -98,31 +98,48 @@ class _Rows:
 
     @classmethod
     def of(cls, seqs: Seq[Sequence], vocab: int) -> _Rows:
-        params = [s.params for s in seqs]
-        # below the epsilon: exactly greedy, on the host and on the device alike
-        temps = [p.temperature if p.temperature >= SAMPLING_EPS else 0.0 for p in params]
-        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-        randoms = [t > 0.0 for t in temps]
-        any_random = any(randoms)
-        sampled_k = [k for k, r in zip(top_k, randoms, strict=True) if r]
+        # one pass (this runs on the host for every step, on a GPU between launches)
+        temps: list[float] = []
+        top_k: list[int] = []
+        top_p: list[float] = []
+        min_p: list[float] = []
+        filtered: list[bool] = []
+        plain: list[bool] = []
+        outputs: list[int] = []
+        sampled_k: list[int] = []
+        any_top_p = any_min_p = any_penalty = any_min_tokens = False
+        for seq in seqs:
+            p = seq.params
+            # below the epsilon: exactly greedy, on the host and on the device alike
+            t = p.temperature if p.temperature >= SAMPLING_EPS else 0.0
+            k = p.top_k if 0 < p.top_k < vocab else vocab
+            n = seq.num_output_tokens
+            banned = n < p.min_tokens
+            f = False
+            if t > 0.0:
+                sampled_k.append(k)
+                any_top_p |= p.top_p < 1.0
+                any_min_p |= p.min_p > 0.0
+                f = k < vocab or p.top_p < 1.0 or p.min_p > 0.0
+            any_penalty |= (p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0
+                            or p.presence_penalty != 0.0)
+            any_min_tokens |= banned
+            temps.append(t)
+            top_k.append(k)
+            top_p.append(p.top_p)
+            min_p.append(p.min_p)
+            filtered.append(f)
+            plain.append(not f and not banned)
+            outputs.append(n)
+        any_random = bool(sampled_k)
         return cls(
-            temperature=temps, top_k=top_k, top_p=[p.top_p for p in params],
-            min_p=[p.min_p for p in params],
-            uniform=counter_uniforms([s.seed for s in seqs], [s.index for s in seqs],
-                                     [s.num_output_tokens for s in seqs])
+            temperature=temps, top_k=top_k, top_p=top_p, min_p=min_p,
+            uniform=counter_uniforms([s.seed for s in seqs], [s.index for s in seqs], outputs)
             if any_random else np.zeros(len(seqs), dtype=np.float32),
-            any_random=any_random,
-            any_top_p=any(p.top_p < 1.0 for p, r in zip(params, randoms, strict=True) if r),
-            any_min_p=any(p.min_p > 0.0 for p, r in zip(params, randoms, strict=True) if r),
+            any_random=any_random, any_top_p=any_top_p, any_min_p=any_min_p,
             candidates=max(sampled_k) if sampled_k and max(sampled_k) < vocab else None,
-            filtered=[r and (k < vocab or p.top_p < 1.0 or p.min_p > 0.0)
-                      for p, k, r in zip(params, top_k, randoms, strict=True)],
-            any_penalty=any(p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0
-                            or p.presence_penalty != 0.0 for p in params),
-            any_min_tokens=any(s.num_output_tokens < s.params.min_tokens for s in seqs),
-            plain=[not (r and (k < vocab or p.top_p < 1.0 or p.min_p > 0.0))
-                   and s.num_output_tokens >= p.min_tokens
-                   for s, p, k, r in zip(seqs, params, top_k, randoms, strict=True)])
+            filtered=filtered, any_penalty=any_penalty, any_min_tokens=any_min_tokens,
+            plain=plain)
 
 
 def _device_list(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
