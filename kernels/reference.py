@@ -76,6 +76,45 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     logits.masked_fill_(bits == 0, float("-inf"))
 
 
+def _plain_logits(logits: torch.Tensor, bitmask: torch.Tensor | None) -> torch.Tensor:
+    """float64 logits with the mask's banned tokens at -inf; a row whose mask allows no
+    token below the vocabulary size keeps all of them (it is drawn unmasked)."""
+    x = logits.double()
+    if bitmask is not None:
+        masked = x.clone()
+        apply_token_bitmask(masked, bitmask)
+        x = torch.where(torch.isneginf(masked).all(dim=-1, keepdim=True), x, masked)
+    return x
+
+
+def _plain_cdf(x: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    scale = torch.where(temperature == 0, 1.0, temperature).double().unsqueeze(1)
+    return torch.cumsum(torch.softmax(x / scale, dim=-1), dim=-1)
+
+
+def sample_plain(logits: torch.Tensor, bitmask: torch.Tensor | None,
+                 temperature: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """[2, rows] int64: each row's token and whether its logits hold NaN. A row of
+    temperature 0 takes the first maximum; the others the first token whose cumulative
+    probability (in token order, float64 here) exceeds ``uniform`` x the total."""
+    x = _plain_logits(logits, bitmask)
+    cdf = _plain_cdf(x, temperature)
+    target = (uniform.double() * cdf[:, -1]).unsqueeze(1)
+    drawn = torch.searchsorted(cdf, target, right=True).clamp(max=x.shape[1] - 1).squeeze(1)
+    tokens = torch.where(temperature == 0, x.argmax(dim=-1), drawn)
+    return torch.stack([tokens, torch.isnan(logits).any(dim=-1).long()])
+
+
+def distance_to_cdf_step(logits: torch.Tensor, bitmask: torch.Tensor | None,
+                         temperature: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """[rows] float64: how far ``uniform`` x the total lies from the nearest step of the
+    row's CDF, relative to the total: within float32 rounding of it, two correct
+    implementations may draw neighbouring tokens."""
+    cdf = _plain_cdf(_plain_logits(logits, bitmask), temperature)
+    target = (uniform.double() * cdf[:, -1]).unsqueeze(1)
+    return (cdf - target).abs().min(dim=-1).values / cdf[:, -1]
+
+
 def write_kv_cache(
     key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:

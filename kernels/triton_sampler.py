@@ -88,8 +88,8 @@ def _pick(logits_ptr, mask_ptr, temp_ptr, uniform_ptr, stats_ptr, out_ptr, strid
     a_b = tl.load(base + plane, mask=valid, other=0.0)
     s_b = tl.load(base + 2 * plane, mask=valid, other=0.0)
     if HAS_MASK:  # a row whose mask allows nothing is drawn unmasked
-        unmasked = (tl.max(m_b, axis=0) == neg_inf).to(tl.int32)
         masked = tl.max(m_b, axis=0) > neg_inf
+        unmasked = (masked == 0).to(tl.int32)  # every bit counts as set below
         m_b = tl.where(masked, m_b, tl.load(base + 3 * plane, mask=valid, other=neg_inf))
         a_b = tl.where(masked, a_b, tl.load(base + 4 * plane, mask=valid, other=0.0))
         s_b = tl.where(masked, s_b, tl.load(base + 5 * plane, mask=valid, other=0.0))

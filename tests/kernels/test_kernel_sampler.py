@@ -1,7 +1,8 @@
-"""The Triton sampler of plain rows (kernels.triton_sampler) draws what the torch path draws.
+"""The Triton sampler of plain rows (kernels.triton_sampler) draws what its reference draws.
 
-The reference is the torch path itself (engine.sampler's masks, argmax, softmax, cumsum and
-searchsorted) on the same logits, masks, temperatures and uniforms. Logits are rounded to
+The reference (kernels.reference.sample_plain) is the torch path's draw -- masks, argmax,
+softmax, cumsum and searchsorted -- in float64, on the same logits, masks, temperatures and
+uniforms. Logits are rounded to
 bf16 so rows hold exact ties (greedy must pick the first, as torch.argmax does); vocabularies
 span one block and several, with a partial last block.
 """
@@ -11,26 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.logits_processors import open_empty_rows
 from engine.sampler import draw
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from kernels import ops, reference, triton_sampler
-
-
-def _torch_path(logits: torch.Tensor, bitmask: torch.Tensor | None, temperature: torch.Tensor,
-                uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens, each drawn row's distance from its CDF's nearest step, relative)."""
-    x = logits.clone()
-    if bitmask is not None:
-        reference.apply_token_bitmask(x, open_empty_rows(bitmask, x.shape[1]))
-    greedy = x.argmax(dim=-1)
-    scaled = x / torch.where(temperature == 0, 1.0, temperature).unsqueeze(1)
-    cdf = torch.cumsum(torch.softmax(scaled.double(), dim=-1), dim=-1)
-    target = (uniform.double() * cdf[:, -1]).unsqueeze(1)
-    at = torch.searchsorted(cdf, target, right=True).clamp(max=x.shape[1] - 1)
-    margin = (cdf - target).abs().min(dim=-1).values / cdf[:, -1]
-    return torch.where(temperature == 0, greedy, at.squeeze(1)), margin
 
 
 def _case(gen: torch.Generator, rows: int, vocab: int, masked: bool
@@ -54,7 +39,8 @@ def _case(gen: torch.Generator, rows: int, vocab: int, masked: bool
 def test_plain_rows_draw_the_torch_paths_tokens(gen, rows, vocab, masked):
     logits, bitmask, temperature, uniform = _case(gen, rows, vocab, masked)
     out = triton_sampler.sample_plain(logits, bitmask, temperature, uniform)
-    expected, margin = _torch_path(logits, bitmask, temperature, uniform)
+    expected = reference.sample_plain(logits, bitmask, temperature, uniform)[0]
+    margin = reference.distance_to_cdf_step(logits, bitmask, temperature, uniform)
     # sums run in another order: a row may differ only within rounding of a CDF step
     differ = (out[0] != expected) & ~((temperature > 0) & (margin < 1e-5))
     assert not differ.any(), (out[0].tolist(), expected.tolist())
@@ -80,7 +66,8 @@ def test_one_uniform_per_token_walks_the_whole_distribution(gen):
     uniform = (torch.arange(200, dtype=torch.float32) + 0.5) / 200
     temperature = torch.full((200,), 0.8)
     out = triton_sampler.sample_plain(logits, None, temperature, uniform)
-    expected, margin = _torch_path(logits, None, temperature, uniform)
+    expected = reference.sample_plain(logits, None, temperature, uniform)[0]
+    margin = reference.distance_to_cdf_step(logits, None, temperature, uniform)
     assert not ((out[0] != expected) & (margin >= 1e-5)).any()
     assert len(set(out[0].tolist())) > 20
 
