@@ -8,7 +8,8 @@
 #   model       make the random bf16 Llama-3-8B-shaped model in /tmp/m8b (on the GPU)
 #   structured  issue 14: sampler per step, decode tok/s with a JSON schema vs unconstrained
 #               (SAMPLER=0: skip the sampler's bench; SAMPLER_PATH=kernel,torch: the engine
-#               with the Triton sampler and without it; needs .whl/base and .whl/extra)
+#               with the Triton sampler and without it; SETUPS=1x1,4x4s: mask fill setups,
+#               engine.mask_fill; needs .whl/base and .whl/extra)
 #   checks      GPU greedy tokens = the CPU path's (graphs, async scheduling on and off)
 #   cuda-tests  the connectors' and the tier's CUDA tests
 #   transfer    issue 9: bench/kv_transfer.py, nccl / ucx / ucx-packed vs raw NCCL and copy
@@ -49,7 +50,7 @@ for step in "${@:-transfer}"; do
         PYTHONFAULTHANDLER=1 timeout -s ABRT "${BENCH_TIMEOUT:-400}" \
           python3 bench/structured_bench.py --model /tmp/m1b --device cuda --dtype bfloat16 \
           --batches "${BATCHES:-1,32}" --max-tokens 128 --repeat "${REPEAT:-2}" \
-          --fill "${FILL:-worker}" --fill-threads "${FILL_THREADS:-1}" \
+          --fill "${FILL:-worker}" --fill-threads "${FILL_THREADS:-}" --setups "${SETUPS:-engine}" \
           --slices "${SLICES:-json}" --sampler "${SAMPLER_PATH:-kernel}" \
           --async-scheduling "${ASYNC:-on,off}" $([ "${PHASES:-0}" = 1 ] && echo --phases) \
           --switch-interval "$sw" $([ "${PROFILE:-0}" = 1 ] && echo --torch-profile \
@@ -132,7 +133,8 @@ for step in "${@:-transfer}"; do
       [ -f /tmp/m1b/config.json ] || python3 -m pdserve.cli make-model --arch llama \
         --out /tmp/m1b --layers 16 --hidden 2048 --heads 32 --kv-heads 8 --intermediate 8192 \
         --vocab 128256 --dtype bfloat16 --device cuda 2>&1 | tail -1
-      python3 bench/grammar_fill.py --model /tmp/m1b --threads 1,2,3,4,0 --split 2,3 2>&1 \
+      python3 bench/grammar_fill.py --model /tmp/m1b --threads "${FILL_THREADS:-1,2,3,4,0}" \
+        --replicas "${REPLICAS:-1}" $([ -n "${SPLIT:-}" ] && echo --split "$SPLIT") 2>&1 \
         | tee "$OUT/grammar_fill.txt"
       ;;
     *) echo "unknown step $step"; exit 2 ;;

@@ -22,6 +22,7 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.llm_engine import EngineArgs, LLMEngine
+from engine.mask_fill import FillSetup
 from engine.sampling_params import SamplingParams
 from engine.structured_output import HANDOFF_TIMEOUT_S, StepMasks
 from engine.structured_spec import StructuredOutputSpec
@@ -193,6 +195,14 @@ def _run(engine: LLMEngine, batch: int, max_tokens: int, constrained: bool, tag:
     return seconds, tokens, steps
 
 
+def _setup(text: str) -> FillSetup:
+    """'4x4s' -> 4 templates, 4 threads, the engine's GPU switch interval during fills."""
+    replicas, _, rest = text.partition("x")
+    switch = FillSetup.for_device(torch.device("cuda")).switch_interval_s
+    return FillSetup(int(replicas), int(rest.rstrip("s")),
+                     switch if rest.endswith("s") else None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="models/default")
@@ -212,8 +222,14 @@ def main() -> None:
     ap.add_argument("--torch-profile", type=Path, default=None,
                     help="write torch.profiler's kernel table of one free and one JSON run "
                     "at the largest batch here")
-    ap.add_argument("--fill-threads", default="1",
-                    help="comma-separated llguidance thread counts for fills of up to 32 rows")
+    ap.add_argument("--fill-threads", default="",
+                    help="comma-separated llguidance thread counts for fills of up to 32 "
+                    "rows (default: the engine's)")
+    ap.add_argument("--setups", default="engine",
+                    help="comma-separated fill setups (engine.mask_fill.FillSetup): engine "
+                    "(the device's default), or RxT[s]: R templates per grammar, T "
+                    "threads, s: the lowered switch interval while a fill runs; e.g. "
+                    "1x1,4x4s")
     ap.add_argument("--slices", choices=["general", "json"], default="json",
                     help="llguidance's slicer optimisation: its JSON slices (the engine's) "
                     "or its general ones")
@@ -256,26 +272,32 @@ def main() -> None:
     breakdown: list[tuple[str, int, str, dict[str, float]]] = []
     timelines: list[tuple[str, list[str]]] = []
     gate = engine.structured.gate
-    for sampler, mode, fill, batch in (
-            (k, a, f"{f}/{t}" if "," in args.fill_threads else f, int(b))
+    default_setup = engine.structured.setup
+    for sampler, mode, fill, setup, batch in (
+            (k, a, f"{f}/{t}" if "," in args.fill_threads else f, u, int(b))
             for k in args.sampler.split(",")
             for a in args.async_scheduling.split(",") for f in args.fill.split(",")
-            for t in args.fill_threads.split(",") for b in args.batches.split(",")):
+            for t in args.fill_threads.split(",") for u in args.setups.split(",")
+            for b in args.batches.split(",")):
         engine.plain_sampler_kernel = sampler == "kernel"
         engine.async_scheduling = overlap = mode.startswith("on")
         gated = (overlap and mode != "on-nogate") or mode == "off-gate"
         engine.structured.gate = gate if gated else None
         fill_mode, fill = fill, f"{fill}, async {mode}" + (
-            f", {sampler} sampler" if "," in args.sampler else "")
+            f", {sampler} sampler" if "," in args.sampler else "") + (
+            f", {setup}" if "," in args.setups else "")
         engine.structured.fill_inline = fill_mode.startswith("inline")
         engine.structured.fill_row_by_row = "-rows" in fill_mode
         engine.structured.fill_after_launch = fill_mode.startswith("after-launch")
         engine.structured.handoff_timeout_s = (0.0 if "-nowait" in fill_mode
                                                else HANDOFF_TIMEOUT_S)
-        threads = int(fill_mode.partition("/")[2] or args.fill_threads)
-        if threads != engine.structured.small_fill_threads:
-            engine.structured.small_fill_threads = threads
-            engine.structured._executor_one = None  # made again with that many threads
+        chosen = default_setup if setup == "engine" else _setup(setup)
+        threads = fill_mode.partition("/")[2] or args.fill_threads
+        if threads:
+            chosen = replace(chosen, threads=int(threads))
+        if chosen != engine.structured.setup:  # new templates' lexer caches start cold
+            engine.structured.set_fill(chosen)
+            _run(engine, 2 * chosen.replicas, args.max_tokens, True, f"warm-{setup}")
         rates: dict[bool, list[float]] = {False: [], True: []}
         step_ms: dict[bool, list[float]] = {False: [], True: []}
         spent = [0.0, 0.0, 0.0]  # fill, waited, advance over the constrained runs

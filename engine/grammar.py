@@ -37,7 +37,9 @@ class GrammarCompiler:
         self._tokenizer: Any = None
         self.timeout_s = timeout_s
         self.max_entries = max_entries
-        self._cache: OrderedDict[StructuredOutputSpec, Any] = OrderedDict()
+        # (spec, replica) -> template; replicas > 0 are the same grammar compiled again,
+        # each with a lexer state of its own (engine.mask_fill)
+        self._cache: OrderedDict[tuple[StructuredOutputSpec, int], Any] = OrderedDict()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
         self.compiles = 0  # cache misses that compiled (for tests and metrics)
@@ -53,13 +55,15 @@ class GrammarCompiler:
     def vocab_size(self) -> int:
         return int(self.tokenizer.vocab_size)
 
-    def compile(self, spec: StructuredOutputSpec) -> Any:
+    def compile(self, spec: StructuredOutputSpec, replica: int = 0) -> Any:
         """The template matcher of ``spec``; InvalidRequestError (a 400) when it is invalid
-        or does not compile in time. Never advance the template: deep_copy it."""
+        or does not compile in time. Never advance the template: deep_copy it. Each
+        ``replica`` is compiled on its own (copies of one template share a lock)."""
+        key = (spec, replica)
         with self._lock:
-            hit = self._cache.get(spec)
+            hit = self._cache.get(key)
             if hit is not None:
-                self._cache.move_to_end(spec)
+                self._cache.move_to_end(key)
                 return hit
         grammar = spec.grammar_text()
         tokenizer = self.tokenizer
@@ -75,7 +79,7 @@ class GrammarCompiler:
                                       param="structured_outputs")
         with self._lock:
             self.compiles += 1
-            self._cache[spec] = matcher
+            self._cache[key] = matcher
             while len(self._cache) > self.max_entries:
                 self._cache.popitem(last=False)
         return matcher

@@ -39,6 +39,7 @@ from engine.external_kv import (
 )
 from engine.host_gate import HostGate
 from engine.kv_layout import KVLayout, KVMemory, num_blocks_for
+from engine.mask_fill import FillSetup
 from engine.model_runner import ModelRunner
 from engine.prefix_hash import chain_seed
 from engine.requests import EngineLimits, Request, RequestOutput, SequenceDelta
@@ -77,6 +78,7 @@ class LLMEngine:
         self._rng = random.Random(args.seed)
         self.structured = StructuredOutputs.for_model(
             self.model_dir, self.config.vocab_size, self.eos_token_ids)
+        self.structured.set_fill(FillSetup.for_device(self.runner.device))
         self.num_steps = 0
         self.kv_receiver: KVReceiverPort | None = None
         self.failures: list[tuple[str, PdserveError]] = []  # see take_failures

@@ -62,6 +62,7 @@ class Sequence:
     # made lazily from them (engine.structured_output), so a fork or a decode pod that
     # received the first tokens starts from the right state.
     guide: Any = None
+    guide_replica: int = 0  # which of the grammar's templates it copied (engine.mask_fill)
     # Prompt logprobs by position (1..prompt length - 1), when params.prompt_logprobs is set
     prompt_logprobs: dict[int, TokenLogprob] = field(default_factory=dict)
 

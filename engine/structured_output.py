@@ -43,6 +43,7 @@ import torch
 from engine.device import to_device
 from engine.grammar import COMPILE_TIMEOUT_S, GrammarCompiler, first_line, tokenizer_factory_for
 from engine.host_gate import GateTicket, HostGate
+from engine.mask_fill import FillSetup, FillWindow, fill_rows
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
@@ -52,14 +53,6 @@ MASK_TIMEOUT_S = 60.0
 SMALL_FILL_ROWS = 32  # fills of at most this many rows run on one mask thread (measured at 32)
 # How long the engine thread waits for the mask worker to get going (GIL hand-off below).
 HANDOFF_TIMEOUT_S = 0.005
-
-
-def _fill(executor: Any, pairs: list[tuple[Any, int]], out: torch.Tensor) -> None:
-    """Fill row i of ``out`` (contiguous int32, host) from each (matcher, i), in parallel
-    on llguidance's threads without the GIL. (llguidance.torch wraps the same call, but
-    importing it sets up torch.compile, which costs seconds.)"""
-    assert out.dtype == torch.int32 and out.is_contiguous() and out.device.type == "cpu"
-    executor.unsafe_compute_mask_ptr(pairs, out.data_ptr(), out.shape[1] * 4, out.shape[0])
 
 
 @dataclass(slots=True)
@@ -225,7 +218,9 @@ class StructuredOutputs:
         self._pool: ThreadPoolExecutor | None = None
         self._executor: Any = None  # llguidance.LLExecutor, made on first use
         self._executor_one: Any = None  # the same with few threads (small fills)
-        self.small_fill_threads = 1  # its thread count (bench/structured_bench.py varies it)
+        self.setup = FillSetup()  # engine.mask_fill; LLMEngine sets a GPU's
+        self._window = FillWindow()
+        self._next_replica = 0
         # one llguidance call per row (measured: bench/structured_bench.py's -rows modes)
         self.fill_row_by_row = False
         self.handoff_timeout_s = HANDOFF_TIMEOUT_S  # 0: hand nothing over (the bench's -nowait)
@@ -249,12 +244,21 @@ class StructuredOutputs:
         if params.structured_outputs is not None:
             self.compiler.compile(params.structured_outputs)
 
+    def set_fill(self, setup: FillSetup) -> None:
+        """Fill with ``setup`` from now on (sequences keep the template they copied)."""
+        if setup.threads != self.setup.threads:
+            self._executor_one = None  # made again with that many threads
+        self.setup = setup
+
     def matcher(self, seq: Sequence) -> Any:
-        """The sequence's matcher, built from its output tokens if it has none yet."""
+        """The sequence's matcher, built from its output tokens if it has none yet (a copy
+        of the next of the grammar's replicated templates: engine.mask_fill)."""
         if seq.guide is None:
             spec = seq.params.structured_outputs
             assert spec is not None
-            guide = self.compiler.compile(spec).deep_copy()
+            seq.guide_replica = self._next_replica % self.setup.replicas
+            self._next_replica += 1
+            guide = self.compiler.compile(spec, seq.guide_replica).deep_copy()
             if seq.num_output_tokens:
                 guide.consume_tokens(seq.output_token_ids)
             seq.guide = guide
@@ -265,20 +269,19 @@ class StructuredOutputs:
         words = words or (self.compiler.vocab_size + 31) // 32
         out = torch.full((len(seqs), words), -1, dtype=torch.int32)
         if seqs:
-            _fill(self._ll_executor(len(seqs)),
-                  [(self.matcher(s), i) for i, s in enumerate(seqs)], out)
+            fill_rows(self._ll_executor(len(seqs)),
+                      [(self.matcher(s), i) for i, s in enumerate(seqs)], out)
         return out
 
     def _ll_executor(self, rows: int) -> Any:
-        """One thread up to SMALL_FILL_ROWS rows, llguidance's pool (80% of the cores)
-        beyond: 32 rows of a JSON schema filled in 0.81 ms on one thread of an H200 host
-        and in 1.04 / 1.74 ms on 4 / 25 (bench/grammar_fill.py), waking the pool costing
-        more than it shares out."""
+        """``setup.threads`` up to SMALL_FILL_ROWS rows, llguidance's pool (80% of the
+        cores) beyond. (Rows of one template fill one at a time whatever the threads:
+        engine.mask_fill.)"""
         if rows <= SMALL_FILL_ROWS:
             if self._executor_one is None:
                 from llguidance import LLExecutor
 
-                self._executor_one = LLExecutor(self.small_fill_threads)
+                self._executor_one = LLExecutor(self.setup.threads)
             return self._executor_one
         if self._executor is None:
             from llguidance import LLExecutor
@@ -321,7 +324,9 @@ class StructuredOutputs:
         for seq in planned:
             self.matcher(seq)  # built here, on the engine thread
         filled = self._rows(len(planned))
-        pairs = [(s.guide, i) for i, s in enumerate(planned)]
+        # rows of one template together: llguidance's threads then take different locks
+        order = sorted(range(len(planned)), key=lambda i: planned[i].guide_replica)
+        pairs = [(planned[i].guide, i) for i in order]
         job: Future | _Deferred
         if self.fill_inline:
             job = _Deferred(lambda: self._timed_fill(pairs, filled))
@@ -329,13 +334,16 @@ class StructuredOutputs:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bitmask")
             started = threading.Event()
+            self._window.open(self.setup.switch_interval_s)
             job = self._pool.submit(self._timed_fill, pairs, filled, started)
             # Hand the GIL over now: the worker needs it only to enter llguidance (which
             # computes without it), but the engine thread would otherwise keep it through
             # the next launch -- Python switches threads every 5 ms -- so the fill began
             # only when the engine first blocked (0.3-0.6 ms of a 2.6 ms step exposed at
-            # batch 32 on an H200).
-            if self.handoff_timeout_s > 0:
+            # batch 32 on an H200). Not needed where the fill's switch interval is short:
+            # the worker then takes the GIL within it, and the round trip of a wait costs
+            # the engine thread ~0.1 ms (bench/structured_bench.py --phases, "begin").
+            if self.handoff_timeout_s > 0 and self.setup.switch_interval_s is None:
                 started.wait(self.handoff_timeout_s)
         fresh = {s.request_id: i for i, s in enumerate(planned) if s.num_output_tokens == 0}
         self._last = StepMasks(self, {s.seq_id: i for i, s in enumerate(planned)}, fresh,
@@ -360,11 +368,15 @@ class StructuredOutputs:
         executor = self._ll_executor(len(pairs))
         if started is not None:
             started.set()
-        if self.fill_row_by_row:
-            for pair in pairs:
-                _fill(executor, [pair], out)
-        else:
-            _fill(executor, pairs, out)
+        try:
+            if self.fill_row_by_row:
+                for pair in pairs:
+                    fill_rows(executor, [pair], out)
+            else:
+                fill_rows(executor, pairs, out)
+        finally:
+            if started is not None:
+                self._window.close()  # this thread holds the GIL again
         self.times.fill += time.perf_counter() - t0
 
     def advance(self, seq: Sequence, token: int) -> bool:
@@ -391,6 +403,7 @@ class StructuredOutputs:
         return bool(guide.is_stopped())
 
     def close(self) -> None:
+        self._window.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         if self.gate is not None:
