@@ -54,7 +54,8 @@ for step in "${@:-transfer}"; do
           --slices "${SLICES:-json}" --sampler "${SAMPLER_PATH:-kernel}" \
           --async-scheduling "${ASYNC:-on,off}" $([ "${PHASES:-0}" = 1 ] && echo --phases) \
           --switch-interval "$sw" $([ "${PROFILE:-0}" = 1 ] && echo --torch-profile \
-          "$OUT/structured_kernels_$sw.txt") 2>&1 \
+          "$OUT/structured_kernels_$sw.txt") $([ "${CPROFILE:-0}" = 1 ] && echo --cprofile \
+          "$OUT/structured_host_$sw.txt") 2>&1 \
           | tee "$OUT/structured_gpu_$sw.txt"
       done
       ;;

@@ -222,6 +222,9 @@ def main() -> None:
     ap.add_argument("--torch-profile", type=Path, default=None,
                     help="write torch.profiler's kernel table of one free and one JSON run "
                     "at the largest batch here")
+    ap.add_argument("--cprofile", type=Path, default=None,
+                    help="write cProfile's table (the engine thread's host time by function) "
+                    "of one free and one JSON run at the largest batch here")
     ap.add_argument("--fill-threads", default="",
                     help="comma-separated llguidance thread counts for fills of up to 32 "
                     "rows (default: the engine's)")
@@ -352,6 +355,35 @@ def main() -> None:
     if args.torch_profile is not None:
         _profile(engine, max(int(b) for b in args.batches.split(",")), args.max_tokens,
                  args.torch_profile)
+    if args.cprofile is not None:
+        _host_profile(engine, max(int(b) for b in args.batches.split(",")), args.max_tokens,
+                      args.cprofile)
+
+
+def _host_profile(engine: LLMEngine, batch: int, max_tokens: int, path: Path) -> None:
+    """Where the engine thread's host time goes in a free and a JSON run (cProfile slows
+    Python down, so read the two against each other, not as step times)."""
+    import cProfile
+    import pstats
+
+    with path.open("w") as out:
+        for constrained in (False, True):
+            profiler = cProfile.Profile()
+            profiler.enable()
+            seconds, _, steps = _run(engine, batch, max_tokens, constrained,
+                                     f"cprofile-{constrained}")
+            profiler.disable()
+            stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+            rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:60]
+            out.write(f"== {'JSON' if constrained else 'free'}, batch {batch}: {steps} steps, "
+                      f"{1e3 * seconds / max(steps, 1):.2f} ms per step under cProfile\n"
+                      "| function | calls per step | own us per step | with callees us |\n"
+                      "| --- | --- | --- | --- |\n")
+            per = 1 / max(steps, 1)
+            for (file, line, name), (_, calls, own, total, _) in rows:
+                where = f"{Path(file).name}:{line}({name})" if line else name
+                out.write(f"| {where} | {calls * per:.1f} | {1e6 * own * per:.1f} | "
+                          f"{1e6 * total * per:.1f} |\n")
 
 
 def _profile(engine: LLMEngine, batch: int, max_tokens: int, path: Path) -> None:
