@@ -196,11 +196,9 @@ def _run(engine: LLMEngine, batch: int, max_tokens: int, constrained: bool, tag:
 
 
 def _setup(text: str) -> FillSetup:
-    """'4x4s' -> 4 templates, 4 threads, the engine's GPU switch interval during fills."""
-    replicas, _, rest = text.partition("x")
-    switch = FillSetup.for_device(torch.device("cuda")).switch_interval_s
-    return FillSetup(int(replicas), int(rest.rstrip("s")),
-                     switch if rest.endswith("s") else None)
+    """'4x2' -> 4 templates per grammar, 2 llguidance threads."""
+    replicas, _, threads = text.partition("x")
+    return FillSetup(int(replicas), int(threads))
 
 
 def main() -> None:
@@ -230,9 +228,8 @@ def main() -> None:
                     "rows (default: the engine's)")
     ap.add_argument("--setups", default="engine",
                     help="comma-separated fill setups (engine.mask_fill.FillSetup): engine "
-                    "(the device's default), or RxT[s]: R templates per grammar, T "
-                    "threads, s: the lowered switch interval while a fill runs; e.g. "
-                    "1x1,4x4s")
+                    "(the device's default), or RxT: R templates per grammar, T threads; "
+                    "e.g. 1x1,4x4")
     ap.add_argument("--slices", choices=["general", "json"], default="json",
                     help="llguidance's slicer optimisation: its JSON slices (the engine's) "
                     "or its general ones")

@@ -43,7 +43,7 @@ import torch
 from engine.device import to_device
 from engine.grammar import COMPILE_TIMEOUT_S, GrammarCompiler, first_line, tokenizer_factory_for
 from engine.host_gate import GateTicket, HostGate
-from engine.mask_fill import FillSetup, FillWindow, fill_rows
+from engine.mask_fill import FillSetup, fill_rows
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
@@ -219,7 +219,6 @@ class StructuredOutputs:
         self._executor: Any = None  # llguidance.LLExecutor, made on first use
         self._executor_one: Any = None  # the same with few threads (small fills)
         self.setup = FillSetup()  # engine.mask_fill; LLMEngine sets a GPU's
-        self._window = FillWindow()
         self._next_replica = 0
         # one llguidance call per row (measured: bench/structured_bench.py's -rows modes)
         self.fill_row_by_row = False
@@ -334,16 +333,13 @@ class StructuredOutputs:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bitmask")
             started = threading.Event()
-            self._window.open(self.setup.switch_interval_s)
             job = self._pool.submit(self._timed_fill, pairs, filled, started)
             # Hand the GIL over now: the worker needs it only to enter llguidance (which
             # computes without it), but the engine thread would otherwise keep it through
             # the next launch -- Python switches threads every 5 ms -- so the fill began
             # only when the engine first blocked (0.3-0.6 ms of a 2.6 ms step exposed at
-            # batch 32 on an H200). Not needed where the fill's switch interval is short:
-            # the worker then takes the GIL within it, and the round trip of a wait costs
-            # the engine thread ~0.1 ms (bench/structured_bench.py --phases, "begin").
-            if self.handoff_timeout_s > 0 and self.setup.switch_interval_s is None:
+            # batch 32 on an H200).
+            if self.handoff_timeout_s > 0:
                 started.wait(self.handoff_timeout_s)
         fresh = {s.request_id: i for i, s in enumerate(planned) if s.num_output_tokens == 0}
         self._last = StepMasks(self, {s.seq_id: i for i, s in enumerate(planned)}, fresh,
@@ -368,15 +364,11 @@ class StructuredOutputs:
         executor = self._ll_executor(len(pairs))
         if started is not None:
             started.set()
-        try:
-            if self.fill_row_by_row:
-                for pair in pairs:
-                    fill_rows(executor, [pair], out)
-            else:
-                fill_rows(executor, pairs, out)
-        finally:
-            if started is not None:
-                self._window.close()  # this thread holds the GIL again
+        if self.fill_row_by_row:
+            for pair in pairs:
+                fill_rows(executor, [pair], out)
+        else:
+            fill_rows(executor, pairs, out)
         self.times.fill += time.perf_counter() - t0
 
     def advance(self, seq: Sequence, token: int) -> bool:
@@ -403,7 +395,6 @@ class StructuredOutputs:
         return bool(guide.is_stopped())
 
     def close(self) -> None:
-        self._window.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         if self.gate is not None:

@@ -1,19 +1,16 @@
 """The mask fill's GPU setup (engine.mask_fill), run on the CPU: sequences spread over
 replicated grammar templates with several llguidance threads must give exactly the tokens
-of one template on one thread, and the GIL switch interval is lowered only while a fill
-runs."""
+of one template on one thread, with each fill's rows grouped by template."""
 
 from __future__ import annotations
 
 import json
-import sys
 
 import jsonschema
-import pytest
 
 from engine import LLM, SamplingParams
 from engine import structured_output as so
-from engine.mask_fill import FillSetup, FillWindow
+from engine.mask_fill import FillSetup
 from engine.structured_spec import StructuredOutputSpec
 
 SCHEMA = {
@@ -49,40 +46,35 @@ def test_replicated_templates_and_threads_give_one_template_s_tokens(
         jsonschema.validate(json.loads(text), SCHEMA)
 
 
-def test_a_fill_lowers_the_switch_interval_until_its_worker_is_back(
+def test_a_fill_hands_llguidance_the_rows_grouped_by_template(
         tiny_model, make_prompts, monkeypatch) -> None:
-    before = sys.getswitchinterval()
-    during: list[float] = []
+    # llguidance's threads split the rows into runs of neighbours: rows of one template
+    # (one lock) must be neighbours, whatever order the batch holds them in
+    seen: list[list[int]] = []
     real = so.fill_rows
 
-    def spy(*args, **kwargs) -> None:
-        during.append(sys.getswitchinterval())
-        real(*args, **kwargs)
+    def spy(executor, pairs, out) -> None:
+        by_row = {i: m for m, i in pairs}
+        seen.append([replica_of[id(by_row[i])] for _, i in pairs])
+        real(executor, pairs, out)
+
+    replica_of: dict[int, int] = {}
+    real_matcher = so.StructuredOutputs.matcher
+
+    def matcher(self, seq):
+        guide = real_matcher(self, seq)
+        replica_of[id(guide)] = seq.guide_replica
+        return guide
 
     monkeypatch.setattr(so, "fill_rows", spy)
+    monkeypatch.setattr(so.StructuredOutputs, "matcher", matcher)
     llm = LLM(tiny_model)
-    llm.engine.structured.set_fill(FillSetup(replicas=2, threads=1, switch_interval_s=1e-4))
-    llm.generate(make_prompts([6, 8], 2048, 7), [_params(4), _params(5)])
-    assert during and all(v == pytest.approx(1e-4) for v in during)
-    assert sys.getswitchinterval() == pytest.approx(before)
-    llm.engine.structured.set_fill(FillSetup())  # and without one, nothing changes
-    during.clear()
-    llm.generate(make_prompts([7], 2048, 8), [_params(6)])
-    assert during and all(v == pytest.approx(before) for v in during)
-
-
-def test_a_window_left_open_by_a_cancelled_fill_restores_the_first_interval() -> None:
-    before = sys.getswitchinterval()
-    window = FillWindow()
-    try:
-        window.open(2e-4)
-        window.open(3e-4)  # a fill whose predecessor never ran (cancelled): no close between
-        assert sys.getswitchinterval() == pytest.approx(3e-4)
-    finally:
-        window.close()
-    assert sys.getswitchinterval() == pytest.approx(before)
-    window.close()  # idempotent
-    assert sys.getswitchinterval() == pytest.approx(before)
+    llm.engine.structured.set_fill(FillSetup(replicas=3, threads=2))
+    llm.generate(make_prompts([6, 8, 9], 2048, 7), [_params(s) for s in (4, 5, 6)])
+    many = [order for order in seen if len(set(order)) > 1]
+    assert many, "no fill mixed templates"
+    for order in many:
+        assert order == sorted(order)
 
 
 def test_the_gpu_setup_spreads_fills_and_the_cpu_one_changes_nothing() -> None:
@@ -90,5 +82,5 @@ def test_the_gpu_setup_spreads_fills_and_the_cpu_one_changes_nothing() -> None:
 
     gpu, cpu = FillSetup.for_device(torch.device("cuda")), FillSetup.for_device(
         torch.device("cpu"))
-    assert gpu.replicas > 1 and gpu.threads > 1 and gpu.switch_interval_s is not None
-    assert cpu == FillSetup(1, 1, None)
+    assert gpu.replicas > 1 and gpu.threads > 1
+    assert cpu == FillSetup(1, 1)
