@@ -9,7 +9,8 @@
 #   structured  issue 14: sampler per step, decode tok/s with a JSON schema vs unconstrained
 #               (SAMPLER=0: skip the sampler's bench; SAMPLER_PATH=kernel,torch: the engine
 #               with the Triton sampler and without it; SETUPS=1x1,4x4s: mask fill setups,
-#               engine.mask_fill; needs .whl/base and .whl/extra)
+#               engine.mask_fill; STRUCT_MODELS="/tmp/m1b /tmp/m8b": the 1B- and the
+#               8B-shaped model; needs .whl/base and .whl/extra)
 #   checks      GPU greedy tokens = the CPU path's (graphs, async scheduling on and off)
 #   cuda-tests  the connectors' and the tier's CUDA tests
 #   transfer    issue 9: bench/kv_transfer.py, nccl / ucx / ucx-packed vs raw NCCL and copy
@@ -43,12 +44,14 @@ for step in "${@:-transfer}"; do
       python3 bench/gil_handoff.py 2>&1 | tee "$OUT/gil_handoff.txt"  # host only, ~2 s
       [ "${SAMPLER:-1}" = 0 ] || python3 bench/sampler_bench.py --device cuda \
         --batches 1,64,256 --repeat 5 --warmup 2 2>&1 | tee "$OUT/sampler_gpu.txt"
-      [ -f /tmp/m1b/config.json ] || python3 -m pdserve.cli make-model --arch llama \
+      for model in ${STRUCT_MODELS:-/tmp/m1b}; do  # /tmp/m8b: the 8B-shaped model too
+      [ "$model" = "$M8B" ] && make_8b
+      [ "$model" != /tmp/m1b ] || [ -f /tmp/m1b/config.json ] || python3 -m pdserve.cli make-model --arch llama \
         --out /tmp/m1b --layers 16 --hidden 2048 --heads 32 --kv-heads 8 --intermediate 8192 \
         --vocab 128256 --dtype bfloat16 --device cuda 2>&1 | tail -1
       for sw in ${SWITCH:-0.0005}; do  # GIL switch intervals, seconds (a pod's: 0.0005)
         PYTHONFAULTHANDLER=1 timeout -s ABRT "${BENCH_TIMEOUT:-400}" \
-          python3 bench/structured_bench.py --model /tmp/m1b --device cuda --dtype bfloat16 \
+          python3 bench/structured_bench.py --model "$model" --device cuda --dtype bfloat16 \
           --batches "${BATCHES:-1,32}" --max-tokens 128 --repeat "${REPEAT:-2}" \
           --fill "${FILL:-worker}" --fill-threads "${FILL_THREADS:-}" --setups "${SETUPS:-engine}" \
           --slices "${SLICES:-json}" --sampler "${SAMPLER_PATH:-kernel}" \
@@ -56,7 +59,8 @@ for step in "${@:-transfer}"; do
           --switch-interval "$sw" $([ "${PROFILE:-0}" = 1 ] && echo --torch-profile \
           "$OUT/structured_kernels_$sw.txt") $([ "${CPROFILE:-0}" = 1 ] && echo --cprofile \
           "$OUT/structured_host_$sw.txt") 2>&1 \
-          | tee "$OUT/structured_gpu_$sw.txt"
+          | tee -a "$OUT/structured_gpu_$sw.txt"
+      done
       done
       ;;
     checks)  # greedy GPU tokens = the CPU path's, graphs and async scheduling on/off
