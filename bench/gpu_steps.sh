@@ -36,6 +36,12 @@ make_8b() {
     --layers 32 --hidden 4096 --heads 32 --kv-heads 8 --intermediate 14336 --vocab 128256 \
     --dtype bfloat16 --max-position-embeddings 65536 --device cuda 2>&1 | tail -1
 }
+M1B=/tmp/m1b
+make_1b() {
+  [ -f "$M1B/config.json" ] || python3 -m pdserve.cli make-model --arch llama --out "$M1B" \
+    --layers 16 --hidden 2048 --heads 32 --kv-heads 8 --intermediate 8192 --vocab 128256 \
+    --dtype bfloat16 --device cuda 2>&1 | tail -1
+}
 for step in "${@:-transfer}"; do
   echo "== $step ($(date +%T))"
   case "$step" in
@@ -44,11 +50,8 @@ for step in "${@:-transfer}"; do
       python3 bench/gil_handoff.py 2>&1 | tee "$OUT/gil_handoff.txt"  # host only, ~2 s
       [ "${SAMPLER:-1}" = 0 ] || python3 bench/sampler_bench.py --device cuda \
         --batches 1,64,256 --repeat 5 --warmup 2 2>&1 | tee "$OUT/sampler_gpu.txt"
-      for model in ${STRUCT_MODELS:-/tmp/m1b}; do  # /tmp/m8b: the 8B-shaped model too
-      [ "$model" = "$M8B" ] && make_8b
-      [ "$model" != /tmp/m1b ] || [ -f /tmp/m1b/config.json ] || python3 -m pdserve.cli make-model --arch llama \
-        --out /tmp/m1b --layers 16 --hidden 2048 --heads 32 --kv-heads 8 --intermediate 8192 \
-        --vocab 128256 --dtype bfloat16 --device cuda 2>&1 | tail -1
+      for model in ${STRUCT_MODELS:-$M1B}; do  # /tmp/m8b: the 8B-shaped model too
+      if [ "$model" = "$M8B" ]; then make_8b; elif [ "$model" = "$M1B" ]; then make_1b; fi
       for sw in ${SWITCH:-0.0005}; do  # GIL switch intervals, seconds (a pod's: 0.0005)
         PYTHONFAULTHANDLER=1 timeout -s ABRT "${BENCH_TIMEOUT:-400}" \
           python3 bench/structured_bench.py --model "$model" --device cuda --dtype bfloat16 \
@@ -119,13 +122,11 @@ for step in "${@:-transfer}"; do
       done
       ;;
     structured-profile)
-      [ -f /tmp/m1b/config.json ] || python3 -m pdserve.cli make-model --arch llama \
-        --out /tmp/m1b --layers 16 --hidden 2048 --heads 32 --kv-heads 8 --intermediate 8192 \
-        --vocab 128256 --dtype bfloat16 --device cuda 2>&1 | tail -1
+      make_1b
       mkdir -p "$OUT/structured_profile"
       py-spy record -r 500 -f raw --idle --threads -o "$OUT/structured_profile/engine.txt" -- \
         PYTHONFAULTHANDLER=1 timeout -s ABRT "${BENCH_TIMEOUT:-400}" \
-          python3 bench/structured_bench.py --model /tmp/m1b --device cuda --dtype bfloat16 \
+          python3 bench/structured_bench.py --model "$M1B" --device cuda --dtype bfloat16 \
         --batches 32 --max-tokens 256 --repeat 1 2>&1 | tail -4 | tee "$OUT/structured_profile/bench.txt"
       python3 bench/py_spy_summary.py "$OUT/structured_profile/engine.txt" \
         > "$OUT/structured_profile/summary.txt" 2>&1
@@ -135,10 +136,8 @@ for step in "${@:-transfer}"; do
         | grep -v Warning | tee "$OUT/nccl_calls.txt"
       ;;
     fill)
-      [ -f /tmp/m1b/config.json ] || python3 -m pdserve.cli make-model --arch llama \
-        --out /tmp/m1b --layers 16 --hidden 2048 --heads 32 --kv-heads 8 --intermediate 8192 \
-        --vocab 128256 --dtype bfloat16 --device cuda 2>&1 | tail -1
-      python3 bench/grammar_fill.py --model /tmp/m1b --threads "${FILL_THREADS:-1,2,3,4,0}" \
+      make_1b
+      python3 bench/grammar_fill.py --model "$M1B" --threads "${FILL_THREADS:-1,2,3,4,0}" \
         --replicas "${REPLICAS:-1}" $([ -n "${SPLIT:-}" ] && echo --split "$SPLIT") 2>&1 \
         | tee "$OUT/grammar_fill.txt"
       ;;
